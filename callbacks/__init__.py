@@ -1,0 +1,1 @@
+"""Callbacks own the side effects of a run: exports, run summaries, dumps."""

@@ -1,0 +1,72 @@
+"""Export callback: after every epoch, `epoch_{N}/` as a HF folder any evaluator loads unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from peft import get_peft_model
+
+from callbacks.io import atomic_directory, write_json_atomic
+from lightning_modules.loading import load_model
+
+
+class EpochExport(L.Callback):
+    """Writes `{run dir}/epoch_{N}/` (0-indexed) after each training epoch, safetensors only.
+
+    Args:
+        enabled: write exports at all.
+        adapter_only: write only the PEFT adapter (loadable by `PeftModel.from_pretrained`) instead
+            of the merged full model (loadable by `AutoModelForCausalLM.from_pretrained`, inspect-ai's
+            `hf/local` and lm-eval's `hf`). Ignored for full fine-tuning.
+        dirpath: where the epoch folders go; None = the run's log directory.
+    """
+
+    def __init__(self, enabled: bool = True, adapter_only: bool = False, dirpath: str | None = None) -> None:
+        self.enabled, self.adapter_only, self.dirpath = enabled, adapter_only, dirpath
+
+    def export_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls
+        if not trainer.is_global_zero:
+            return
+        path = self.export_dir(trainer) / f"epoch_{trainer.current_epoch}"
+        with atomic_directory(path) as staging:
+            export_model(module, state, staging, adapter_only=self.adapter_only)
+            info = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": module.mode}
+            info["backbone"] = asdict(module.backbone)
+            datamodule = trainer.datamodule
+            if datamodule is not None and hasattr(datamodule, "prompt"):
+                info["prompt"] = asdict(datamodule.prompt)
+                info["task"] = datamodule.task.name
+            write_json_atomic(staging / "training_info.json", info)
+        rank_zero_info(f"Exported {path}")
+
+
+def export_model(module: L.LightningModule, state: dict, path: Path, adapter_only: bool = False) -> None:
+    """Save the fine-tuned model of `module` (weights in `state`) as a HF folder with its tokenizer."""
+    weights = {key.removeprefix("model."): value.detach().cpu() for key, value in state.items()}
+    if module.mode == "full":
+        module.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
+    else:
+        # Rebuild the unquantised base on the CPU and merge the trained adapter into it: the same path
+        # serves LoRA and QLoRA (merging into 4-bit weights would lose precision) and FSDP.
+        trainable = {name.removeprefix("model.") for name in module.trainable_parameter_names()}
+        adapter = {key: value for key, value in weights.items() if key in trainable}
+        base = load_model(replace(module.backbone, quantization=None, gradient_checkpointing=False))
+        peft_model = get_peft_model(base, module.lora.to_config())
+        result = peft_model.load_state_dict(adapter, strict=False)
+        if result.unexpected_keys or not adapter:
+            raise RuntimeError(f"export: adapter weights do not fit the rebuilt model: {result.unexpected_keys[:3]}")
+        if adapter_only:
+            peft_model.save_pretrained(path, safe_serialization=True)
+        else:
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(path, safe_serialization=True)
+    module.tokenizer.save_pretrained(path)

@@ -1,0 +1,97 @@
+"""Sample writer: what the model generated, as a TensorBoard table (validation) and JSONL files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.io import write_json_atomic, write_jsonl_atomic
+
+
+class SampleWriter(L.Callback):
+    """Collects the per-question rows that evaluation steps return ({"rows": [...]}) and writes them.
+
+    - validation: `samples/val_step{step}.jsonl` and a table of `table_rows` rows in TensorBoard;
+    - test: `samples/test_step{step}.jsonl` plus `samples/test_step{step}_summary.json`;
+    - predict: `predictions.jsonl`.
+    All under the run's log directory, written atomically by rank 0 after gathering every rank's rows.
+    """
+
+    def __init__(self, table_rows: int = 4) -> None:
+        self.table_rows = table_rows
+        self.rows: list[dict] = []
+
+    def _collect(self, outputs) -> None:
+        if isinstance(outputs, dict) and "rows" in outputs:
+            self.rows.extend(outputs["rows"])
+
+    def on_validation_epoch_start(self, trainer, module) -> None:
+        self.rows = []
+
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def _gathered_rows(self) -> list[dict]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.rows
+        every_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, self.rows)
+        seen, rows = set(), []
+        for row in (row for rank_rows in every_rank for row in rank_rows):
+            if row["id"] not in seen:  # DistributedSampler pads ranks with repeated examples
+                seen.add(row["id"])
+                rows.append(row)
+        return rows
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        rows = self._gathered_rows()
+        if trainer.sanity_checking or not trainer.is_global_zero or not rows:
+            return
+        write_jsonl_atomic(Path(trainer.log_dir) / "samples" / f"val_step{trainer.global_step}.jsonl", rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("val/samples", markdown_table(rows[: self.table_rows]), trainer.global_step)
+
+    def on_test_epoch_end(self, trainer, module) -> None:
+        rows = self._gathered_rows()
+        if not trainer.is_global_zero or not rows:
+            return
+        folder = Path(trainer.log_dir) / "samples"
+        step = max(trainer.global_step, getattr(module, "checkpoint_global_step", 0))  # a loaded checkpoint's
+        name = f"test_step{step}"
+        write_jsonl_atomic(folder / f"{name}.jsonl", rows)
+        accuracy = sum(row["correct"] for row in rows) / len(rows)
+        write_json_atomic(folder / f"{name}_summary.json", {"questions": len(rows), "accuracy": accuracy})
+        rank_zero_info(f"Test samples: {folder / name}.jsonl (accuracy {accuracy:.4f} on {len(rows)} questions)")
+
+    def on_predict_epoch_end(self, trainer, module) -> None:
+        rows = self._gathered_rows()
+        if trainer.is_global_zero and rows:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+            write_jsonl_atomic(path, rows)
+            rank_zero_info(f"Predictions: {path}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """question / completion / prediction / gold / correct rows as a Markdown table for TensorBoard."""
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| question | completion | prediction | gold | correct |", "|---|---|---|---|---|"]
+    for row in rows:
+        fields = ("question", "completion", "prediction", "answer", "correct")
+        lines.append("| " + " | ".join(cell(row[field]) for field in fields) + " |")
+    return "\n".join(lines)

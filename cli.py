@@ -1,0 +1,83 @@
+"""reasoning-lab's one entry point: `python cli.py {fit,validate,test,predict} --config CONFIG.yaml`.
+
+Configs stack left to right (`--config configs/planning_gsm8k.yaml --config configs/presets/cpu_demo.yaml`)
+and any key can be overridden on the command line (`--trainer.max_steps 10`). `--print_config` shows
+the resolved configuration; `--help` documents every argument.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning import LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks.export import EpochExport
+from callbacks.run_summary import RunSummary
+from callbacks.samples import SampleWriter
+from datamodules.reasoning import ReasoningDataModule
+from lightning_modules.errors import ReasoningLabError, UserInputError
+
+RUNS_DIR = "runs"
+
+
+class ReasoningLabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(EpochExport, "export")
+        # The model owns model loading (tokenizer included); the datamodule tokenises with it.
+        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path") == "last":
+            resolve_last_checkpoint(config)
+
+
+def resolve_last_checkpoint(config: Namespace) -> None:
+    """`--ckpt_path last`: resume the newest run of this experiment in place (same run directory)."""
+    logger = config.trainer.logger
+    if not isinstance(logger, Namespace) or "init_args" not in logger:
+        raise UserInputError("--ckpt_path last needs a TensorBoard logger in the config (trainer.logger)")
+    experiment = Path(logger.init_args.save_dir) / str(logger.init_args.name or "")
+    runs = sorted(
+        (int(match.group(1)), path.parent.parent)
+        for path in experiment.glob("version_*/checkpoints/last.ckpt")
+        if (match := re.fullmatch(r"version_(\d+)", path.parent.parent.name))
+    )
+    if not runs:
+        raise UserInputError(f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume")
+    run_dir = runs[-1][1]
+    logger.init_args.version = run_dir.name
+    config.ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
+    print(f"Resuming {config.ckpt_path}", flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ReasoningLabCLI(
+            LightningModule,
+            ReasoningDataModule,
+            subclass_mode_model=True,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": RUNS_DIR, "name": "default"},
+                },
+                "callbacks": [RunSummary(), SampleWriter()],
+            },
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except ReasoningLabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tasks, prompts, answer scoring, batching and the LightningDataModule."""

@@ -1,0 +1,89 @@
+"""Batching: padding, length-grouped batch sampling, and the collate function."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, RandomSampler, Sampler
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """Stack int sequences into a [batch, longest] tensor, padding on the `side` given."""
+    longest = max(len(sequence) for sequence in sequences)
+    out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if side == "right":
+            out[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        else:
+            out[row, longest - len(sequence) :] = torch.as_tensor(sequence, dtype=torch.long)
+    return out
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A random permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, data_source: Sequence, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class LengthGroupedBatchSampler(BatchSampler):
+    """Batches of similar length: the sampler's order is cut into windows of `group_size` batches,
+    each window sorted by length and cut into batches, and the batches of a window shuffled.
+
+    It takes any index sampler, so Lightning can swap in a DistributedSampler under DDP.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool,
+        lengths: Sequence[int] = (),
+        group_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths = list(lengths)
+        self.group_size = group_size
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        # Seeded from the sampler's own order, so the batch order follows its epoch (and rank) exactly.
+        generator = torch.Generator().manual_seed(self.seed + sum(order[:16]))
+        window = self.batch_size * self.group_size
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=self.lengths.__getitem__, reverse=True)
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            if self.drop_last and len(batches[-1]) < self.batch_size:
+                batches.pop()
+            for index in torch.randperm(len(batches), generator=generator).tolist():
+                yield batches[index]
+
+
+def collate(features: list[dict], pad_id: int, answer_format: str | None = None) -> dict:
+    """Right-padded `input_ids/attention_mask/labels` for the loss. Evaluation batches (`answer_format`
+    given) also carry left-padded `prompt_ids/prompt_mask` to generate from, the examples' ids,
+    questions and gold answers, and the name of the answer format that scores them."""
+    batch = {
+        "input_ids": pad_sequences([f["input_ids"] for f in features], pad_id),
+        "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in features], 0),
+        "labels": pad_sequences([f["labels"] for f in features], -100),
+    }
+    if answer_format is not None:
+        batch["answer_format"] = answer_format
+        batch["prompt_ids"] = pad_sequences([f["prompt_ids"] for f in features], pad_id, side="left")
+        batch["prompt_mask"] = pad_sequences([[1] * len(f["prompt_ids"]) for f in features], 0, side="left")
+        for key in ("id", "question", "answer"):
+            batch[key] = [f[key] for f in features]
+    return batch

@@ -1,0 +1,162 @@
+"""The LightningDataModule: task -> examples -> prompt/target token ids -> length-grouped batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+
+import datasets
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, collate
+from datamodules.prompts import PromptFormatter, PromptSpec
+from datamodules.scoring import get_answer_format
+from datamodules.tasks import Example, get_task, load_examples
+from lightning_modules.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class ReasoningDataModule(LightningDataModule):
+    """Question/solution data of one task, tokenised with the model's tokenizer.
+
+    Args:
+        task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records).
+        train_path: training data, a .json/.jsonl file or a hub id; None = the task's bundled train split.
+        test_path: test data (test and predict), likewise; None = the task's bundled test split.
+        hub_subset: the hub dataset's configuration name (e.g. "main" for openai/gsm8k).
+        answer_format: how answers are scored (gsm8k, math, aqua, boolean); None = the task's own.
+        prompt: how a question becomes a prompt (plain or chat template, system prompt).
+        max_length: longest training sequence in tokens (prompt + response); longer ones are truncated.
+        batch_size: training batch size per device.
+        eval_batch_size: validation / test / predict batch size per device (generation batches).
+        val_size: validation questions held out of the training data (seeded, without replacement).
+        train_limit: use only this many training examples (seeded subset without replacement).
+        test_limit: evaluate only this many test questions (seeded subset without replacement).
+        group_by_length: batch training examples of similar length together (less padding).
+        seed: seed of every subset and of the shuffling.
+        num_workers: DataLoader worker processes.
+        tokenizer: the model's tokenizer; `cli.py` links it from the model.
+    """
+
+    def __init__(
+        self,
+        task: str = "gsm8k",
+        train_path: str | None = None,
+        test_path: str | None = None,
+        hub_subset: str | None = None,
+        answer_format: str | None = None,
+        prompt: PromptSpec | None = None,
+        max_length: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: int = 8,
+        val_size: int = 64,
+        train_limit: int | None = None,
+        test_limit: int | None = None,
+        group_by_length: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.task = get_task(task)
+        self.answer_format = get_answer_format(answer_format or self.task.answer_format)
+        self.prompt = prompt or PromptSpec()
+        for name in ("max_length", "batch_size", "eval_batch_size"):
+            if getattr(self.hparams, name) < 1:
+                raise UserInputError(f"data.{name} must be >= 1, got {getattr(self.hparams, name)}")
+        self.tokenizer = tokenizer
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    @property
+    def formatter(self) -> PromptFormatter:
+        if self.tokenizer is None:
+            raise UserInputError("data.tokenizer is missing: the datamodule needs the model's tokenizer")
+        return PromptFormatter(self.tokenizer, self.prompt)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
+            if len(examples) <= hp.val_size:
+                raise UserInputError(
+                    f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}"
+                )
+            order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
+            val, train = order[: hp.val_size], order[hp.val_size :]
+            train = train[: hp.train_limit] if hp.train_limit else train
+            self.splits["train"] = self._encode([examples[i] for i in train], "train")
+            self.splits["val"] = self._encode([examples[i] for i in val], "validation")
+        if stage in ("test", "predict") and "test" not in self.splits:
+            examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
+            if hp.test_limit and hp.test_limit < len(examples):
+                examples = [examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))]
+            self.splits["test"] = self._encode(examples, "test")
+
+    def _encode(self, examples: list[Example], name: str) -> datasets.Dataset:
+        formatter, max_length = self.formatter, self.hparams.max_length
+        rows, truncated = [], 0
+        for example in examples:
+            input_ids, labels = formatter.encode_example(example.question, example.response)
+            prompt_ids = formatter.encode_prompt(example.question)
+            if len(prompt_ids) >= max_length:
+                raise UserInputError(
+                    f"data: the prompt of example '{example.id}' has {len(prompt_ids)} tokens, "
+                    f"more than data.max_length={max_length}"
+                )
+            truncated += len(input_ids) > max_length
+            answer = example.answer or self.answer_format.extract(example.response) or ""
+            rows.append(
+                {
+                    "id": example.id,
+                    "question": example.question,
+                    "answer": answer,
+                    "input_ids": input_ids[:max_length],
+                    "labels": labels[:max_length],
+                    "prompt_ids": prompt_ids,
+                }
+            )
+        if truncated:
+            log.warning("%s: %d of %d examples truncated to %d tokens", name, truncated, len(rows), max_length)
+        return datasets.Dataset.from_list(rows)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset, hp = self.splits["train"], self.hparams
+        sampler = EpochSeededRandomSampler(dataset, seed=hp.seed)
+        loader_args = {"collate_fn": self._collate(with_prompts=False), "num_workers": hp.num_workers}
+        if not hp.group_by_length:
+            return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, **loader_args)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        batches = LengthGroupedBatchSampler(sampler, hp.batch_size, drop_last=False, lengths=lengths, seed=hp.seed)
+        return DataLoader(dataset, batch_sampler=batches, **loader_args)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.splits[split]
+        prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
+        by_prompt_length = sorted(range(len(dataset)), key=lambda i: -prompt_lengths[i])
+        return DataLoader(
+            dataset.select(by_prompt_length),  # similar prompt lengths share a batch: little left padding
+            batch_size=self.hparams.eval_batch_size,
+            collate_fn=self._collate(with_prompts=True),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def _collate(self, with_prompts: bool):
+        return partial(
+            collate,
+            pad_id=self.tokenizer.pad_token_id,
+            answer_format=self.answer_format.name if with_prompts else None,
+        )

@@ -1,0 +1,143 @@
+"""Tasks: where each benchmark's records come from and how a record becomes an `Example`.
+
+A record is read from a local JSON/JSONL file (validated line by line, so a bad line is reported by
+file and line) or from the hub through HF `datasets`; the datamodule turns the examples into a
+tokenised `datasets.Dataset` either way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from lightning_modules.errors import UserInputError
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question with its gold solution (the training target) and gold final answer."""
+
+    id: str
+    question: str
+    response: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark: its answer format, its bundled files, and its record -> Example conversion."""
+
+    name: str
+    answer_format: str
+    bundled: dict[str, Path]
+    fields: tuple[str, ...]
+    to_example: Callable[[dict, str], Example]
+
+
+def _gsm8k(record: dict, row_id: str) -> Example:
+    return Example(row_id, record["question"], record["answer"], record["answer"].split("####")[-1].strip())
+
+
+def _math(record: dict, row_id: str) -> Example:
+    return Example(record.get("unique_id") or row_id, record["problem"], record["solution"], record["answer"])
+
+
+def _aqua(record: dict, row_id: str) -> Example:
+    question = record["question"] + "\nOptions: " + " ".join(record["options"])
+    response = record["rationale"].strip() + f"\nThe answer is {record['correct']}."
+    return Example(row_id, question, response, record["correct"])
+
+
+def _instruction(record: dict, row_id: str) -> Example:
+    question = "\n\n".join(part for part in (record.get("instruction"), record.get("input")) if part)
+    return Example(str(record.get("id", row_id)), question, record["output"], str(record.get("answer", "")))
+
+
+TASKS = {
+    "gsm8k": Task(
+        "gsm8k",
+        "gsm8k",
+        {"train": DATA_DIR / "gsm8k/train.jsonl", "test": DATA_DIR / "gsm8k/test.jsonl"},
+        ("question", "answer"),
+        _gsm8k,
+    ),
+    "math": Task("math", "math", {"test": DATA_DIR / "math500/test.jsonl"}, ("problem", "solution", "answer"), _math),
+    "aqua": Task(
+        "aqua", "aqua", {"test": DATA_DIR / "aqua/test.jsonl"}, ("question", "options", "rationale", "correct"), _aqua
+    ),
+    "instruction": Task("instruction", "gsm8k", {}, ("output",), _instruction),
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`; an unknown name fails with the list of known ones."""
+    if name not in TASKS:
+        raise UserInputError(f"data.task: unknown task '{name}'; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def read_json_records(path: Path) -> tuple[list[dict], list[str]]:
+    """Records of a .jsonl (one object a line) or .json (a list of objects) file, and where each is.
+
+    The second list names each record's place ("file:line" or "file item N") for later errors.
+    """
+    if not path.is_file():
+        raise UserInputError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserInputError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise UserInputError(f"{path}: expected a JSON list of objects")
+        places = [f"{path} item {index}" for index in range(len(records))]
+    else:
+        records, places = [], []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserInputError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise UserInputError(f"{path}:{line_number}: expected a JSON object")
+            records.append(record)
+            places.append(f"{path}:{line_number}")
+    if not records:
+        raise UserInputError(f"{path}: no records (the file is empty)")
+    return records, places
+
+
+def load_examples(task: Task, source: str | None, split: str, hub_subset: str | None = None) -> list[Example]:
+    """The examples of `split`: from `source` (local file or hub id) or the task's bundled file."""
+    if source is None:
+        if split not in task.bundled:
+            raise UserInputError(
+                f"data: task '{task.name}' bundles no '{split}' split (it has: "
+                f"{', '.join(task.bundled) or 'none'}); give a file or hub id for it"
+            )
+        source = str(task.bundled[split])
+    if Path(source).suffix in (".json", ".jsonl"):
+        rows, places = read_json_records(Path(source))
+        where = places.__getitem__
+    else:
+        try:
+            rows = datasets.load_dataset(source, hub_subset, split=split)
+        except Exception as error:  # noqa: BLE001 - datasets raises many types; report one line
+            raise UserInputError(f"data: could not load '{source}' ({type(error).__name__}: {error})") from None
+        where = lambda index: f"{source} row {index}"  # noqa: E731
+    examples = []
+    for index, record in enumerate(rows):
+        missing = [field for field in task.fields if record.get(field) in (None, "")]
+        if missing:
+            raise UserInputError(f"{where(index)}: missing field {', '.join(repr(m) for m in missing)}")
+        examples.append(task.to_example(record, f"{split}-{index}"))
+    return examples

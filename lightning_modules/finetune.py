@@ -1,0 +1,176 @@
+"""Causal-LM fine-tuning (full, LoRA, QLoRA): step logic and metrics only.
+
+The HF model is built in `configure_model` (so Lightning restores partial checkpoints into it);
+checkpoints hold only the trainable weights; side effects (exports, sample tables) live in callbacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from peft import LoraConfig, get_peft_model
+from torchmetrics import MeanMetric
+
+from datamodules.scoring import score_completion
+from lightning_modules.errors import TrainingStopped, UserInputError
+from lightning_modules.generation import GenerationSpec, generate
+from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (modes lora and qlora)."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 16
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """Module names to adapt: the MLP by default; add q_proj, k_proj, v_proj, o_proj for attention."""
+
+    def to_config(self) -> LoraConfig:
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+        )
+
+
+class CausalLMFineTuner(LightningModule):
+    """Fine-tunes a causal LM on prompt -> response data; validates with loss and answer accuracy.
+
+    Args:
+        backbone: the model to fine-tune (alias, folder, GGUF file or hub id) and how to load it.
+        mode: full (every weight), lora (adapters on a frozen model), qlora (adapters on a 4/8-bit model).
+        lora: adapter settings for lora / qlora.
+        generation: decoding used for validation / test accuracy and predictions.
+        optimizer: optimizer callable over the trainable parameters (default AdamW, lr 2e-4).
+        scheduler: learning-rate scheduler callable, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        backbone: ModelSpec | None = None,
+        mode: Literal["full", "lora", "qlora"] = "lora",
+        lora: LoraSpec | None = None,
+        generation: GenerationSpec | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        backbone = backbone or ModelSpec()
+        if mode == "qlora" and backbone.quantization is None:
+            backbone = replace(backbone, quantization="nf4")
+        if mode != "qlora" and backbone.quantization is not None:
+            raise UserInputError(f"model.backbone.quantization={backbone.quantization} needs mode: qlora")
+        self.backbone, self.mode = backbone, mode
+        self.lora = lora or LoraSpec()
+        self.generation = generation or GenerationSpec()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.tokenizer = load_tokenizer(self.backbone)
+        self.model = None
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
+        self.test_loss, self.test_accuracy = MeanMetric(), MeanMetric()
+        self.checkpoint_global_step = 0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = load_model(self.backbone)
+        if self.mode in ("lora", "qlora"):
+            model = get_peft_model(model, self.lora.to_config())
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = (
+            self.optimizer_factory(parameters)
+            if self.optimizer_factory
+            else torch.optim.AdamW(parameters, lr=2e-4, weight_decay=0.0)
+        )
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token loss over the response tokens, and how many tokens it averages."""
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return output.loss, (batch["labels"][:, 1:] != -100).sum()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, tokens = self._loss(batch)
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            raise TrainingStopped(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: training stopped "
+                "before the optimizer step; the last saved checkpoint is the last good one"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", tokens.float(), reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, self.val_loss, self.val_accuracy, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, self.test_loss, self.test_accuracy, "test")
+
+    def _evaluate(self, batch: dict, loss_metric: MeanMetric, accuracy: MeanMetric, stage: str) -> dict:
+        loss, tokens = self._loss(batch)
+        loss_metric.update(loss, weight=tokens)
+        rows = self.predict_step(batch, 0)["rows"]
+        accuracy.update(torch.tensor([float(row["correct"]) for row in rows], device=self.device))
+        size = len(rows)
+        self.log(f"{stage}/loss", loss_metric, batch_size=size, prog_bar=True)
+        self.log(f"{stage}/accuracy", accuracy, batch_size=size, prog_bar=True)
+        return {"rows": rows}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        completions = generate(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation)
+        rows = []
+        for index, completion in enumerate(completions):
+            prediction, correct = score_completion(batch["answer_format"], completion, batch["answer"][index])
+            rows.append(
+                {
+                    "id": batch["id"][index],
+                    "question": batch["question"][index],
+                    "completion": completion,
+                    "prediction": prediction,
+                    "answer": batch["answer"][index],
+                    "correct": correct,
+                }
+            )
+        return {"rows": rows}
+
+    def trainable_parameter_names(self) -> set[str]:
+        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.mode != "full":
+            keep = self.trainable_parameter_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_global_step = checkpoint.get("global_step", 0)  # names the outputs of `test`
+        saved = set(checkpoint["state_dict"])
+        unexpected = saved - set(self.state_dict())
+        missing = self.trainable_parameter_names() - saved
+        if unexpected or missing:
+            example = sorted(unexpected or missing)[0]
+            raise UserInputError(
+                f"the checkpoint does not match this model (backbone {self.backbone.name}, mode {self.mode}): "
+                f"{len(unexpected)} unexpected and {len(missing)} missing weights, e.g. '{example}'"
+            )

@@ -1,0 +1,86 @@
+"""Generation, in one place: batched, left-padded, greedy or sampled, stopping at EOS.
+
+Validation accuracy, `test`, `predict`, SLOT and the decoding studies all generate through
+`generate`, so a result never differs because two paths decode differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_modules.errors import UserInputError
+
+
+@dataclass
+class GenerationSpec:
+    """How completions are generated (greedy unless `do_sample`)."""
+
+    max_new_tokens: int = 256
+    """Longest completion in tokens."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature (only when sampling)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only when sampling; 1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (only when sampling; 0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings; the completion is cut before the first one (EOS always stops)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserInputError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise UserInputError("generation.temperature must be > 0 when sampling (use do_sample: false)")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+
+
+def generation_config(spec: GenerationSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    """A fresh GenerationConfig from `spec` (the model's own sampling defaults are not inherited)."""
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    eos_ids.add(tokenizer.eos_token_id)
+    sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k} if spec.do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=spec.max_new_tokens,
+        do_sample=spec.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos_ids),
+        stop_strings=spec.stop or None,
+        **sampling,
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    spec: GenerationSpec,
+    logits_processor: LogitsProcessorList | None = None,
+) -> list[str]:
+    """Completions (text after the prompt, special tokens and stop strings removed) of a left-padded batch."""
+    if prompt_ids.shape[1] and bool((prompt_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left-padded prompts (the last column is padding)")
+    extra = {"tokenizer": tokenizer} if spec.stop else {}  # stop strings are matched through it
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        generation_config=generation_config(spec, model, tokenizer),
+        logits_processor=logits_processor,
+        **extra,
+    )
+    completions = tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+    return [cut_at_stop(text, spec.stop) for text in completions]
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """`text` up to (not including) the first of the stop strings."""
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return text[:cut]
