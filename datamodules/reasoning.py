@@ -98,16 +98,22 @@ class ReasoningDataModule(LightningDataModule):
             self.splits["test"] = self._encode(examples, "test")
 
     def _encode(self, examples: list[Example], name: str) -> datasets.Dataset:
+        """Tokenise; a response running past max_length is truncated. A prompt that alone reaches
+        max_length drops a training/validation example (with a warning) but is an error at test time,
+        where dropping questions would silently change the accuracy's denominator."""
         formatter, max_length = self.formatter, self.hparams.max_length
-        rows, truncated = [], 0
+        rows, truncated, dropped = [], 0, 0
         for example in examples:
             input_ids, labels = formatter.encode_example(example.question, example.response)
             prompt_ids = formatter.encode_prompt(example.question)
             if len(prompt_ids) >= max_length:
-                raise UserInputError(
-                    f"data: the prompt of example '{example.id}' has {len(prompt_ids)} tokens, "
-                    f"more than data.max_length={max_length}"
-                )
+                if name == "test":
+                    raise UserInputError(
+                        f"data: the prompt of test example '{example.id}' has {len(prompt_ids)} tokens, "
+                        f"data.max_length is {max_length}: raise max_length"
+                    )
+                dropped += 1
+                continue
             truncated += len(input_ids) > max_length
             answer = example.answer or self.answer_format.extract(example.response) or ""
             rows.append(
@@ -120,8 +126,13 @@ class ReasoningDataModule(LightningDataModule):
                     "prompt_ids": prompt_ids,
                 }
             )
-        if truncated:
-            log.warning("%s: %d of %d examples truncated to %d tokens", name, truncated, len(rows), max_length)
+        if truncated or dropped:
+            log.warning(
+                "%s: %d examples truncated to %d tokens, %d dropped (prompt alone too long)",
+                name, truncated, max_length, dropped,
+            )
+        if not rows:
+            raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")
         return datasets.Dataset.from_list(rows)
 
     def train_dataloader(self) -> DataLoader:

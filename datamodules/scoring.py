@@ -36,8 +36,7 @@ class AnswerFormat:
 
 def extract_boxed(text: str) -> str | None:
     r"""Content of the last ``\boxed{...}`` / ``\fbox{...}`` (nested braces handled; also ``\boxed 5``)."""
-    matches = list(_BOXED_RE.finditer(text))
-    if not matches:
+    if not (matches := list(_BOXED_RE.finditer(text))):
         return None
     stripped = text[matches[-1].end() :].lstrip()
     if not stripped.startswith("{"):  # "\boxed 5"
@@ -252,9 +251,7 @@ ANSWER_FORMATS: dict[str, AnswerFormat] = {
 def get_answer_format(name: str) -> AnswerFormat:
     """The registered :class:`AnswerFormat` called ``name``; ValueError listing the known names otherwise."""
     if name not in ANSWER_FORMATS:
-        raise ValueError(
-            f"Unknown answer format {name!r}; known formats: {', '.join(sorted(ANSWER_FORMATS))}"
-        )
+        raise ValueError(f"Unknown answer format {name!r}; known formats: {', '.join(ANSWER_FORMATS)}")
     return ANSWER_FORMATS[name]
 
 

@@ -1,0 +1,317 @@
+"""LoRA fine-tuning throughput: our Lightning fit vs HF Trainer + PEFT, and FLOP/s vs this machine's matmul peak.
+
+Three arms train the same model on the same token ids, batch size and number of steps:
+  ours-grouped  our fit, length-grouped batches (the default)
+  ours-random   our fit, random batches (the same batches, in the same order, as the HF Trainer)
+  hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
+
+Run from the repository root:  python benchmarks/train_throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from datamodules.batching import EpochSeededRandomSampler, collate  # noqa: E402
+from datamodules.reasoning import ReasoningDataModule  # noqa: E402
+from lightning_modules.finetune import CausalLMFineTuner, LoraSpec  # noqa: E402
+from lightning_modules.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
+LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate
+FORMULA = (
+    "FLOPs = (4 * N_frozen + 6 * N_lora) * tokens + 12 * n_layers * hidden * sum(seq_len^2); "
+    "N_frozen = weights of frozen Linear layers (lm_head included): forward 2N + input-grad backward 2N, "
+    "no weight grads; N_lora = adapter weights: forward, input and weight grads, 2N each; "
+    "attention QK^T and AV over the full score matrix, backward 2x forward. "
+    "hw = padded tokens and padded lengths (what the hardware runs), useful = real tokens and lengths."
+)
+
+
+class StepTimer:
+    """Wall time and tokens of the steps after the warm-up: the clock starts when the last warm-up step ends."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.steps, self.start, self.end = warmup, 0, 0.0, 0.0
+        self.real = self.padded = self.real_sq = self.padded_sq = 0
+        self.shapes: list[list[int]] = []
+        self.threads = torch.get_num_threads()
+
+    def step_end(self, mask: torch.Tensor) -> None:
+        self.steps += 1
+        self.shapes.append(list(mask.shape))
+        self.threads = torch.get_num_threads()
+        if self.steps == self.warmup:
+            self.start = time.perf_counter()
+        elif self.steps > self.warmup:
+            self.end = time.perf_counter()
+            lengths = mask.sum(dim=1)
+            self.real += int(lengths.sum())
+            self.padded += mask.numel()
+            self.real_sq += int((lengths**2).sum())
+            self.padded_sq += mask.shape[0] * mask.shape[1] ** 2
+
+
+class LightningTimer(L.Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.timer.step_end(batch["attention_mask"])
+
+
+class HFTimer(TrainerCallback):
+    """Reads each step's attention mask from the list the recording collator fills (in step order)."""
+
+    def __init__(self, timer: StepTimer, masks: list[torch.Tensor]) -> None:
+        self.timer, self.masks = timer, masks
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.timer.step_end(self.masks[state.global_step - 1])
+
+
+def matmul_peak(size: int, repeats: int = 5, rounds: int = 3) -> float:
+    """Best fp32 FLOP/s of `repeats` back-to-back [size x size] matmuls, over `rounds` rounds, after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def flop_terms(model: torch.nn.Module) -> dict:
+    """Parameter counts that the FLOP formula multiplies (see FORMULA)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return {
+        "n_frozen": sum(m.weight.numel() for m in linears if not m.weight.requires_grad),
+        "n_lora": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "n_layers": model.config.num_hidden_layers,
+        "hidden": model.config.hidden_size,
+    }
+
+
+def summarise(name: str, timer: StepTimer, terms: dict, peak: float) -> dict:
+    """One arm's figures: tokens/s and FLOP/s over the timed steps."""
+    seconds = timer.end - timer.start
+    per_token = 4 * terms["n_frozen"] + 6 * terms["n_lora"]
+    attention = 12 * terms["n_layers"] * terms["hidden"]
+    flops_hw = per_token * timer.padded + attention * timer.padded_sq
+    flops_useful = per_token * timer.real + attention * timer.real_sq
+    return {
+        "arm": name,
+        "timed_steps": timer.steps - timer.warmup,
+        "real_tokens": timer.real,
+        "padded_tokens": timer.padded,
+        "padding_fraction": 1 - timer.real / timer.padded,
+        "seconds": seconds,
+        "real_tokens_per_s": timer.real / seconds,
+        "padded_tokens_per_s": timer.padded / seconds,
+        "gflops_hw": flops_hw / seconds / 1e9,
+        "gflops_useful": flops_useful / seconds / 1e9,
+        "fraction_of_peak_hw": flops_hw / seconds / peak,
+        "fraction_of_peak_useful": flops_useful / seconds / peak,
+        "threads": timer.threads,
+        "batch_shapes": timer.shapes,
+    }
+
+
+def datamodule(args: argparse.Namespace, tokenizer, group_by_length: bool) -> ReasoningDataModule:
+    limit = (args.warmup_steps + args.steps) * args.batch_size  # exactly one epoch: both samplers see every example
+    return ReasoningDataModule(
+        task="gsm8k",
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        val_size=8,
+        train_limit=limit,
+        group_by_length=group_by_length,
+        seed=args.seed,
+    )
+
+
+def run_ours(args: argparse.Namespace, group_by_length: bool) -> tuple[StepTimer, dict]:
+    """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer."""
+    L.seed_everything(args.seed, verbose=False)
+    module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LoraSpec())
+    timer = StepTimer(args.warmup_steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.warmup_steps + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[LightningTimer(timer)],
+    )
+    trainer.fit(module, datamodule=datamodule(args, module.tokenizer, group_by_length))
+    return timer, flop_terms(module.model)
+
+
+def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
+    """HF Trainer + PEFT on our datamodule's train split, in the order our random-batch arm uses."""
+    spec = ModelSpec(name=args.model)
+    tokenizer = load_tokenizer(spec)
+    data = datamodule(args, tokenizer, group_by_length=False)
+    data.setup("fit")
+    train = data.splits["train"]
+    order = list(EpochSeededRandomSampler(train, seed=args.seed))  # epoch 0 of our random-batch arm
+    examples = [{"input_ids": train[i]["input_ids"], "labels": train[i]["labels"]} for i in order]
+    masks: list[torch.Tensor] = []
+
+    def recording_collate(features: list[dict]) -> dict:
+        batch = collate(features, pad_id=tokenizer.pad_token_id)  # the same right padding as our datamodule
+        masks.append(batch["attention_mask"])
+        return batch
+
+    torch.manual_seed(args.seed)
+    model = get_peft_model(load_model(spec), LoraSpec().to_config())
+    timer = StepTimer(args.warmup_steps)
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.warmup_steps + args.steps,
+            learning_rate=LR,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            max_grad_norm=0.0,  # our fit does not clip either
+            train_sampling_strategy="sequential",  # `examples` is already in our sampler's order
+            eval_strategy="no",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            remove_unused_columns=False,
+            use_cpu=True,
+            seed=args.seed,
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=examples,
+            data_collator=recording_collate,
+            callbacks=[HFTimer(timer, masks)],
+        )
+        trainer.train()
+    return timer, flop_terms(model)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, HF folder, .gguf file or hub id")
+    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per arm")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before them (>= 1)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 warm-up, 128 tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup_steps, args.max_length, args.peak_size = 2, 1, 128, 1024
+    if args.warmup_steps < 1 or args.steps < 1:
+        parser.error("--steps and --warmup-steps must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    peaks = [matmul_peak(args.peak_size)]
+    runs = {}
+    for name, run in [
+        ("ours-grouped", lambda: run_ours(args, group_by_length=True)),
+        ("ours-random", lambda: run_ours(args, group_by_length=False)),
+        ("hf-trainer", lambda: run_hf(args)),
+    ]:
+        runs[name] = run()
+        gc.collect()
+    peaks.append(matmul_peak(args.peak_size))
+    peak = max(peaks)
+    arms = {name: summarise(name, timer, terms, peak) for name, (timer, terms) in runs.items()}
+    hf = arms["hf-trainer"]
+    for arm in arms.values():
+        arm["ratio_vs_hf"] = arm["real_tokens_per_s"] / hf["real_tokens_per_s"]
+    grouped, random_ = arms["ours-grouped"], arms["ours-random"]
+    grouping_helps = grouped["padding_fraction"] < hf["padding_fraction"]
+    targets = {
+        "ours-random >= 1.0x hf-trainer": random_["ratio_vs_hf"] >= 1.0,
+        f"ours-grouped >= {1.3 if grouping_helps else 1.0}x hf-trainer": grouped["ratio_vs_hf"] >= (
+            1.3 if grouping_helps else 1.0
+        ),
+        "ours-grouped >= 60% of matmul peak (hw)": grouped["fraction_of_peak_hw"] >= 0.6,
+        "ours-random >= 60% of matmul peak (hw)": random_["fraction_of_peak_hw"] >= 0.6,
+    }
+
+    header = f"{'arm':<13}{'steps':>6}{'real tok':>10}{'padded':>8}{'pad %':>7}{'sec':>8}{'real tok/s':>11}"
+    header += f"{'vs HF':>7}{'GFLOP/s hw':>11}{'useful':>8}{'peak hw':>8}{'useful':>8}"
+    print(f"\nfp32 matmul peak ({args.peak_size}^2, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{FORMULA}\n\n{header}\n{'-' * len(header)}")
+    for a in arms.values():
+        print(
+            f"{a['arm']:<13}{a['timed_steps']:>6}{a['real_tokens']:>10}{a['padded_tokens']:>8}"
+            f"{100 * a['padding_fraction']:>6.1f}%{a['seconds']:>8.2f}{a['real_tokens_per_s']:>11.1f}"
+            f"{a['ratio_vs_hf']:>6.2f}x{a['gflops_hw']:>11.1f}{a['gflops_useful']:>8.1f}"
+            f"{100 * a['fraction_of_peak_hw']:>7.1f}%{100 * a['fraction_of_peak_useful']:>7.1f}%"
+        )
+    same = random_["batch_shapes"] == hf["batch_shapes"]
+    print(f"\nours-random and hf-trainer ran identical batch shapes: {same}")
+    for target, passed in targets.items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {target}")
+
+    results = {
+        "settings": vars(args),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "load_average_before": load_before,
+        },
+        "matmul_peak_flops": peak,
+        "matmul_peak_runs_flops": peaks,
+        "flop_formula": FORMULA,
+        "flop_terms": runs["hf-trainer"][1],
+        "same_batches_random_vs_hf": same,
+        "arms": arms,
+        "targets": targets,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(results, handle, indent=2)
+    os.replace(handle.name, RESULTS)
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
