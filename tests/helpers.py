@@ -17,3 +17,14 @@ class PoisonWeightsAtStep(L.Callback):
             parameter = next(p for p in module.parameters() if p.requires_grad)
             with torch.no_grad():
                 parameter.fill_(float("nan"))
+
+
+class CrashAtStep(L.Callback):
+    """Raises before training step `step`: a simulated crash (pre-emption, OOM, node failure)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")

@@ -52,7 +52,10 @@ def test_empty_file_and_missing_split_are_errors(tmp_path):
 
 
 def test_instruction_format_from_json_list(tmp_path):
-    records = [{"instruction": "Add.", "input": "2+2", "output": "2+2=4. The answer is 4."}, {"instruction": "Hi", "output": "5"}]
+    records = [
+        {"instruction": "Add.", "input": "2+2", "output": "2+2=4. The answer is 4."},
+        {"instruction": "Hi", "output": "5"},
+    ]
     path = tmp_path / "inst.json"
     path.write_text(json.dumps(records))
     examples = load_examples(TASKS["instruction"], str(path), "train")

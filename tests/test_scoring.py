@@ -95,17 +95,11 @@ _AQUA_ANSWER_LINE = re.compile(r"\b(?i:answer|ans|option)\b[^A-Za-z0-9]*(?i:opti
 def test_aqua_raw_rationales():
     """Raw rationales have no fixed format: exact on 'Answer: X'-style last lines, mostly right overall."""
     records = _records("aqua/test.jsonl")
-    with_answer_line = [
-        r for r in records if _AQUA_ANSWER_LINE.search(r["rationale"].strip().splitlines()[-1])
-    ]
-    line_failures = [
-        r["rationale"][-80:] for r in with_answer_line if extract_aqua(r["rationale"]) != r["correct"]
-    ]
+    with_answer_line = [r for r in records if _AQUA_ANSWER_LINE.search(r["rationale"].strip().splitlines()[-1])]
+    line_failures = [r["rationale"][-80:] for r in with_answer_line if extract_aqua(r["rationale"]) != r["correct"]]
     overall = sum(score_completion("aqua", r["rationale"], r["correct"])[1] for r in records) / len(records)
     n_lines, n_records = len(with_answer_line), len(records)
-    print(
-        f"aqua raw rationales: {n_lines}/{n_records} end with an answer line; {overall:.1%} correct overall"
-    )
+    print(f"aqua raw rationales: {n_lines}/{n_records} end with an answer line; {overall:.1%} correct overall")
     assert len(with_answer_line) > len(records) / 2
     assert not line_failures, line_failures
     assert overall >= 0.9, f"only {overall:.1%} of raw rationales extracted correctly"
@@ -228,9 +222,7 @@ def test_math_equivalent(predicted, gold):
     assert score_completion("math", rf"so \boxed{{{predicted}}}", gold) == (predicted, True)
 
 
-@pytest.mark.parametrize(
-    ("predicted", "gold"), [("3", "4"), ("(1,2)", "(2,1)"), (r"\frac{1}{3}", "0.33"), ("", "1")]
-)
+@pytest.mark.parametrize(("predicted", "gold"), [("3", "4"), ("(1,2)", "(2,1)"), (r"\frac{1}{3}", "0.33"), ("", "1")])
 def test_math_not_equivalent(predicted, gold):
     assert not math_equivalent(predicted, gold)
 

@@ -1,0 +1,196 @@
+"""The CLI end to end on tiny models: configs, fit -> checkpoint -> resume -> test, exports, DDP, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from cli import build_cli, main
+from lightning_modules.errors import UserInputError
+from lightning_modules.finetune import CausalLMFineTuner, LoraSpec
+from lightning_modules.loading import ModelSpec
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml"))
+PRESETS = sorted((REPO / "configs/presets").glob("*.yaml"))
+
+
+def tiny_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs/planning_gsm8k.yaml"),
+        "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
+        "--model.init_args.backbone.name", str(model),
+        "--data.train_limit", "16", "--data.val_size", "4", "--data.eval_batch_size", "4",
+        "--data.max_length", "1024",
+        "--model.init_args.generation.max_new_tokens", "8",
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_main(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def run_dir(save_dir: Path, version: int = 0) -> Path:
+    return save_dir / "planning_gsm8k" / f"version_{version}"
+
+
+def trainable_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("config", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
+def test_every_experiment_config_instantiates(config, tiny_llama, tmp_path):
+    cli = build_cli(["--config", str(config), "--model.init_args.backbone.name", str(tiny_llama),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)  # fmt: skip
+    assert cli.model.tokenizer is cli.datamodule.tokenizer
+    assert cli.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_stacks_and_instantiates(preset, tiny_llama, tmp_path):
+    args = ["--config", str(REPO / "configs/planning_gsm8k.yaml"), "--config", str(preset),
+            "--model.init_args.backbone.name", str(tiny_llama),
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:  # every key and class of the stack validates
+        build_cli(["fit", *args, "--print_config"])
+    assert exit_.value.code == 0
+    if not torch.cuda.is_available():  # GPU presets then instantiate with CPU settings
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+                 "--trainer.strategy", "auto"]  # fmt: skip
+    cli = build_cli(args, run=False)
+    assert cli.model.mode in ("lora", "qlora")
+
+
+def test_print_config_works_for_the_main_config(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_cli(["fit", "--config", str(REPO / "configs/planning_gsm8k.yaml"), "--print_config"])
+    assert exit_.value.code == 0
+    assert "CausalLMFineTuner" in capsys.readouterr().out
+
+
+def test_config_typo_is_one_clear_error(tiny_llama, tmp_path, capsys):
+    code = run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--data.batch_sise", "4")])
+    assert code == 2
+    assert "batch_sise" in capsys.readouterr().err
+
+
+def test_unknown_model_is_one_line(tmp_path, capsys):
+    code = run_main(["fit", *tiny_args(Path("no-such-model"), tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model 'no-such-model'" in err and "smollm2-135m-instruct" in err
+    assert "Traceback" not in err
+
+
+def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2")]) == 0
+    crash = '{"class_path": "helpers.CrashAtStep", "init_args": {"step": 5}}'
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_main(["fit", *tiny_args(tiny_llama, resumed, "--trainer.max_epochs", "2", f"--trainer.callbacks+={crash}")])
+    assert run_main(["fit", *tiny_args(tiny_llama, resumed, "--trainer.max_epochs", "2", "--ckpt_path", "last")]) == 0
+
+    # Resumed in place (same run directory), with exactly the weights of the uninterrupted run.
+    assert not run_dir(resumed, 1).exists()
+    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
+    actual = trainable_state(run_dir(resumed) / "checkpoints/last.ckpt")
+    assert expected.keys() == actual.keys() and all("lora_" in key for key in expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+    # Checkpoints hold only the trainable weights.
+    n_trainable = sum(v.numel() for v in expected.values())
+    assert n_trainable < 0.5 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
+
+    # 0-indexed epoch exports load unchanged and compute what the trained model computes.
+    run = run_dir(resumed)
+    assert sorted(p.name for p in run.glob("epoch_*")) == ["epoch_0", "epoch_1"]
+    exported = AutoModelForCausalLM.from_pretrained(run / "epoch_1").eval()
+    assert not list(run.glob("epoch_1/*.bin")) and (run / "epoch_1/model.safetensors").is_file()
+    module = build_module_from(tiny_llama, run / "checkpoints/last.ckpt")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
+
+    # test on the checkpoint writes per-question samples named after the checkpoint's step.
+    assert run_main(["test", *tiny_args(tiny_llama, resumed, "--ckpt_path", "last", "--data.test_limit", "4")]) == 0
+    samples = list((run / "samples").glob("test_step8.jsonl"))
+    assert samples and len(samples[0].read_text().splitlines()) == 4
+
+
+def build_module_from(model_folder: Path, checkpoint: Path) -> CausalLMFineTuner:
+    module = CausalLMFineTuner(backbone=ModelSpec(name=str(model_folder)), mode="lora")
+    module.configure_model()
+    module.load_state_dict(trainable_state(checkpoint), strict=False)
+    return module.eval()
+
+
+def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
+    assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--export.adapter_only", "true")]) == 0
+    export = run_dir(tmp_path) / "epoch_0"
+    assert (export / "adapter_model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), export).eval()
+    module = build_module_from(tiny_llama, run_dir(tmp_path) / "checkpoints/last.ckpt")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
+    args = tiny_args(tiny_qwen2, tmp_path, "--model.init_args.mode", "full", "--data.train_limit", "8")
+    assert run_main(["fit", *args]) == 0
+    state = trainable_state(run_dir(tmp_path) / "checkpoints/last.ckpt")
+    assert any(key.endswith("lm_head.weight") for key in state) and any("embed_tokens" in key for key in state)
+    before = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    after = AutoModelForCausalLM.from_pretrained(run_dir(tmp_path) / "epoch_0")
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_rejected(tiny_llama, tmp_path):
+    """`cli.py --ckpt_path` rebuilds the model from the checkpoint's own settings (LightningCLI re-applies
+    its hparams); a checkpoint loaded into a module of another mode or model still fails clearly."""
+    assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--data.train_limit", "8")]) == 0
+    checkpoint = torch.load(run_dir(tmp_path) / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    full = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="full")
+    full.configure_model()
+    with pytest.raises(UserInputError, match="does not match this model"):
+        full.on_load_checkpoint(checkpoint)
+    other_rank = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), lora=LoraSpec(target_modules=["q_proj"]))
+    other_rank.configure_model()
+    with pytest.raises(UserInputError, match="does not match this model"):
+        other_rank.on_load_checkpoint(checkpoint)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path, capsys):
+    poison = '{"class_path": "helpers.PoisonWeightsAtStep", "init_args": {"step": 6}}'
+    code = run_main(
+        ["fit", *tiny_args(tiny_llama, tmp_path, "--trainer.max_epochs", "3", f"--trainer.callbacks+={poison}")]
+    )
+    assert code == 2 and "non-finite training loss" in capsys.readouterr().err
+    checkpoint = torch.load(run_dir(tmp_path) / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
+
+
+def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
+    args = tiny_args(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", *args], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir(tmp_path)
+    assert (run / "checkpoints/last.ckpt").is_file() and (run / "epoch_0/model.safetensors").is_file()
+    state = trainable_state(run / "checkpoints/last.ckpt")
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2  # 16 examples / (2 x 4)
+    assert state
