@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -70,6 +72,9 @@ class SampleWriter(L.Callback):
         folder = run_dir / "samples"
         step = max(trainer.global_step, getattr(module, "checkpoint_global_step", 0))  # a loaded checkpoint's
         name = f"test_step{step}"
+        if any("arm" in row for row in rows):
+            write_arms(folder / name, rows)
+            return
         write_jsonl_atomic(folder / f"{name}.jsonl", rows)
         accuracy = sum(row["correct"] for row in rows) / len(rows)
         write_json_atomic(folder / f"{name}_summary.json", {"questions": len(rows), "accuracy": accuracy})
@@ -81,6 +86,47 @@ class SampleWriter(L.Callback):
             path = run_dir / "predictions.jsonl"
             write_jsonl_atomic(path, rows)
             rank_zero_info(f"Predictions: {path}")
+
+
+def write_arms(folder: Path, rows: list[dict]) -> None:
+    """Rows of several arms (e.g. baseline vs SLOT): `{arm}.jsonl` each, `summary.json`, a console table."""
+    by_arm: dict[str, list[dict]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], []).append(row)
+    for arm, arm_rows in by_arm.items():
+        write_jsonl_atomic(folder / f"{arm}.jsonl", arm_rows)
+    summary = compare_arms(by_arm)
+    write_json_atomic(folder / "summary.json", summary)
+    print(arms_table(summary) + f"\nPer-question logs and summary.json: {folder}/", flush=True)
+
+
+def compare_arms(by_arm: dict[str, list[dict]]) -> dict:
+    """Accuracy (and format accuracy / mean final loss when rows carry them) per arm, and the questions each
+    arm fixed or broke relative to the first arm (the baseline)."""
+    baseline_name = next(iter(by_arm))
+    baseline = {row["id"]: row["correct"] for row in by_arm[baseline_name]}
+    arms = {}
+    for arm, rows in by_arm.items():
+        entry = {"questions": len(rows), "accuracy": sum(row["correct"] for row in rows) / len(rows)}
+        if "format_ok" in rows[0]:
+            entry["format_accuracy"] = sum(row["format_ok"] for row in rows) / len(rows)
+        if "slot_loss" in rows[0]:
+            entry["mean_final_loss"] = sum(row["slot_loss"][-1] for row in rows) / len(rows)
+        if arm != baseline_name:
+            entry["fixed"] = sorted(row["id"] for row in rows if row["correct"] and not baseline[row["id"]])
+            entry["broken"] = sorted(row["id"] for row in rows if not row["correct"] and baseline[row["id"]])
+        arms[arm] = entry
+    return {"baseline": baseline_name, "arms": arms}
+
+
+def arms_table(summary: dict) -> str:
+    columns = ("accuracy", "format_accuracy", "mean_final_loss")
+    lines = [f"{'arm':<28}{'questions':>10}" + "".join(f"{c:>17}" for c in columns) + f"{'fixed':>7}{'broken':>8}"]
+    for arm, entry in summary["arms"].items():
+        values = "".join(f"{entry[c]:>17.4f}" if c in entry else f"{'-':>17}" for c in columns)
+        flips = f"{len(entry['fixed']):>7}{len(entry['broken']):>8}" if "fixed" in entry else f"{'-':>7}{'-':>8}"
+        lines.append(f"{arm:<28}{entry['questions']:>10}{values}{flips}")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -237,11 +237,28 @@ def booleans_equivalent(predicted: str, gold: str) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------------------- last_number
+_SLOT_NUMBER_RE = re.compile(r"\d+\.\d+|\d+/\d+|\d+")
+
+
+def extract_last_number_plain(text: str) -> str | None:
+    r"""The SLOT reference's prediction: the last match of `\d+\.\d+|\d+/\d+|\d+` (no sign, no commas)."""
+    matches = _SLOT_NUMBER_RE.findall(text)
+    return matches[-1] if matches else None
+
+
+def numbers_or_math_equivalent(predicted: str, gold: str) -> bool:
+    """Numeric equality, else math_verify's (the SLOT reference compares with math_verify)."""
+    gold_number = normalize_number(gold) or gold
+    return numbers_equivalent(predicted, gold_number) or math_verify_equivalent(predicted, gold_number)
+
+
 ANSWER_FORMATS: dict[str, AnswerFormat] = {
     "gsm8k": AnswerFormat("gsm8k", extract_gsm8k, numbers_equivalent),
     "math": AnswerFormat("math", extract_math, math_equivalent),
     "aqua": AnswerFormat("aqua", extract_aqua, letters_equivalent),
     "boolean": AnswerFormat("boolean", extract_boolean, booleans_equivalent),
+    "last_number": AnswerFormat("last_number", extract_last_number_plain, numbers_or_math_equivalent),
 }
 
 

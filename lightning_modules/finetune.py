@@ -7,13 +7,15 @@ checkpoints hold only the trainable weights; side effects (exports, sample table
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
 
 from datamodules.scoring import score_completion
 from lightning_modules.errors import TrainingStopped, UserInputError
@@ -185,3 +187,29 @@ class CausalLMFineTuner(LightningModule):
                 f"the checkpoint does not match this model (backbone {self.backbone.name}, mode {self.mode}): "
                 f"{len(unexpected)} unexpected and {len(missing)} missing weights, e.g. '{example}'"
             )
+
+
+def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> PreTrainedModel:
+    """The model to evaluate: `backbone` itself; an `epoch_N/` export (full folder, or adapter folder on
+    top of `backbone`); or a Lightning checkpoint of CausalLMFineTuner on `backbone` (adapters merged)."""
+    if checkpoint is None:
+        return load_model(backbone)
+    path = Path(checkpoint)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return PeftModel.from_pretrained(load_model(backbone), path).merge_and_unload()
+        return load_model(replace(backbone, name=str(path)))
+    if not path.is_file():
+        raise UserInputError(f"checkpoint '{path}' does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = saved.get("hyper_parameters", {})
+    mode = "lora" if hparams.get("mode") == "qlora" else hparams.get("mode", "lora")  # merge into full precision
+    module = CausalLMFineTuner(backbone=backbone, mode=mode, lora=LoraSpec(**hparams.get("lora", {})))
+    module.configure_model()
+    module.on_load_checkpoint(saved)  # names what does not fit
+    try:
+        module.load_state_dict(saved["state_dict"], strict=False)
+    except RuntimeError as error:
+        raise UserInputError(f"checkpoint '{path}' does not match model {backbone.name}: {error}") from None
+    model = module.model
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules.errors import UserInputError
 
@@ -64,8 +64,13 @@ def generate(
     prompt_mask: torch.Tensor,
     spec: GenerationSpec,
     logits_processor: LogitsProcessorList | None = None,
+    past_key_values: Cache | None = None,
 ) -> list[str]:
-    """Completions (text after the prompt, special tokens and stop strings removed) of a left-padded batch."""
+    """Completions (text after the prompt, special tokens and stop strings removed) of a left-padded batch.
+
+    `past_key_values` may hold a prefill of all but the last prompt tokens (positions from the mask's
+    cumulative sum, as `generate` counts them): generation then continues from it without a second prefill.
+    """
     if prompt_ids.shape[1] and bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left-padded prompts (the last column is padding)")
     extra = {"tokenizer": tokenizer} if spec.stop else {}  # stop strings are matched through it
@@ -74,6 +79,7 @@ def generate(
         attention_mask=prompt_mask,
         generation_config=generation_config(spec, model, tokenizer),
         logits_processor=logits_processor,
+        past_key_values=past_key_values,
         **extra,
     )
     completions = tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,168 @@
+"""SLOT: sample-specific test-time optimisation of a delta added to the last hidden state (Hu et al. 2025).
+
+Per prompt, a vector delta [1, hidden] (fp32, zeros) is added to the backbone's final hidden state right
+before the output head and optimised with AdamW on the prompt's own next-token loss; generation then
+adds the same delta at every generated position. The backbone runs ONCE per prompt:
+
+- the prefill covers prompt[:-1]: its logits and hidden states are everything the loss needs, and its KV
+  cache is where generation continues (from the last prompt token) - no second prefill;
+- the head is linear, so logits(h + d) = logits(h) + W d: an iteration adds one [V] vector to the cached
+  prompt logits and back-propagates through one mat-vec (O(T·V + V·H) instead of O(T·V·H));
+- heads that are not linear (final logit soft-capping) take the exact autograd path through the head.
+
+Batches keep one delta per sample and average each sample's loss over its own tokens, so a batch gives
+every sample exactly the result it would get alone. Model weights are frozen: no weight gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from lightning_modules.errors import UserInputError
+
+
+@dataclass
+class SlotArm:
+    """One evaluation arm: SLOT with `iters` optimisation steps at learning rate `lr` (iters 0 = baseline)."""
+
+    iters: int = 5
+    """AdamW steps on the prompt loss (0 = the unmodified model)."""
+    lr: float = 0.1
+    """AdamW learning rate of delta."""
+
+    def __post_init__(self) -> None:
+        if self.iters < 0:
+            raise UserInputError(f"model.arms: iters must be >= 0, got {self.iters}")
+        if not self.lr > 0:
+            raise UserInputError(f"model.arms: lr must be > 0, got {self.lr}")
+
+    @property
+    def name(self) -> str:
+        """The seed's naming: log_times_<iters>_lr_<lr>."""
+        return f"log_times_{self.iters}_lr_{self.lr:g}"
+
+
+class OutputHead:
+    """The model's hidden -> logits map: lm_head, then the config's logit scaling / soft-capping if any."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.layer = model.get_output_embeddings()
+        config = model.config.get_text_config()
+        self.scale = float(getattr(config, "logit_scale", None) or 1.0)
+        self.scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    @property
+    def linear(self) -> bool:
+        return self.softcap is None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Exact logits of `hidden`, in fp32."""
+        logits = self.layer(hidden.to(self.layer.weight.dtype)).float() * self.scale
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def delta_logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """What adding `delta` to the hidden state adds to the logits (linear heads): scale * W delta."""
+        return F.linear(delta.to(self.layer.weight.dtype), self.layer.weight).float() * self.scale
+
+
+@contextmanager
+def head_input_hook(
+    head: OutputHead, delta: torch.Tensor | None = None, record: bool = False
+) -> Iterator[list[torch.Tensor]]:
+    """While active, `delta` ([batch, 1, hidden]) is added to the head's input; with `record`, every input
+    the head sees (after the delta) is appended to the yielded list."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        hidden = args[0] if delta is None else args[0] + delta.to(args[0].dtype)
+        if record:
+            seen.append(hidden)
+        return (hidden, *args[1:])
+
+    handle = head.layer.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Prefill:
+    """The one backbone pass over prompt[:-1] that SLOT and generation share."""
+
+    hidden: torch.Tensor  # [B, T-1, H] head inputs
+    logits: torch.Tensor  # [B, T-1, V] fp32 prompt logits
+    targets: torch.Tensor  # [B, T-1] next-token ids
+    weights: torch.Tensor  # [B, T-1] 1 where both the position and its target are real tokens
+    cache: DynamicCache
+
+
+@torch.no_grad()
+def prefill(model: PreTrainedModel, head: OutputHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Prefill:
+    """Run the backbone once over all but the last prompt token (left-padded batch)."""
+    if prompt_ids.shape[1] < 2:
+        raise UserInputError("SLOT needs prompts of at least 2 tokens")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context and prompt_ids.shape[1] >= context:
+        raise UserInputError(f"a prompt of {prompt_ids.shape[1]} tokens does not fit the model's context ({context})")
+    ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded positions
+    cache = DynamicCache(config=model.config)
+    with head_input_hook(head, record=True) as seen:
+        output = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+    hidden = seen[-1]
+    logits = output.logits.float()
+    if not torch.allclose(head.logits(hidden), logits, atol=1e-3, rtol=1e-3):
+        raise UserInputError(
+            f"SLOT cannot reproduce the logits of {type(model).__name__} from its last hidden state "
+            "(an output head transformation it does not know)"
+        )
+    weights = (mask * prompt_mask[:, 1:]).float()
+    return Prefill(hidden, logits, prompt_ids[:, 1:], weights, cache)
+
+
+def prompt_losses(logits: torch.Tensor, state: Prefill) -> torch.Tensor:
+    """Each sample's mean next-token cross-entropy over its own real prompt tokens: [B]."""
+    token_losses = F.cross_entropy(logits.transpose(1, 2), state.targets, reduction="none")
+    return (token_losses * state.weights).sum(1) / state.weights.sum(1).clamp(min=1)
+
+
+def optimise_deltas(
+    head: OutputHead, state: Prefill, iters: list[int], lr: float
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Optimise one delta per sample for max(iters) steps; return delta after each requested step count
+    ({iters: [B, 1, H] fp32}) and the per-sample loss at every step count 0..max(iters) ([B, max+1])."""
+    batch, _, hidden_size = state.hidden.shape
+    snapshots, trace = {}, []
+    # Evaluation loops run under inference mode; the prefill's tensors are cloned out of it for autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        state = Prefill(*(t.clone() for t in (state.hidden, state.logits, state.targets, state.weights)), state.cache)
+        delta = torch.zeros(batch, 1, hidden_size, dtype=torch.float32, device=state.hidden.device, requires_grad=True)
+        optimizer = torch.optim.AdamW([delta], lr=lr, weight_decay=1e-8, eps=1e-5)
+        for step in range(max(iters) + 1):
+            if step in iters:
+                snapshots[step] = delta.detach().clone()
+            logits = state.logits + head.delta_logits(delta) if head.linear else head.logits(state.hidden + delta)
+            losses = prompt_losses(logits, state)
+            trace.append(losses.detach())
+            if step == max(iters):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()  # a sum: each sample's gradient is its own loss's gradient
+            optimizer.step()
+    return snapshots, torch.stack(trace, dim=1)
+
+
+def cache_copy(cache: DynamicCache) -> DynamicCache:
+    """An independent copy of a prefill cache (generation appends to the cache it is given)."""
+    return copy.deepcopy(cache)
