@@ -43,12 +43,21 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_model(kind: str, vocab_size: int, **overrides):
-    """A 2-layer random-weight Llama or Qwen2 (hidden 64) from a config, seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A 2-layer random-weight Llama, Qwen2 or Gemma2 (hidden 64) from a config, seeded."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        kind
-    ]
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # final logit soft-capping: a non-linear output head
+    }[kind]
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -62,6 +71,8 @@ def build_tiny_model(kind: str, vocab_size: int, **overrides):
         pad_token_id=2,
         bos_token_id=None,
     )
+    if kind == "gemma2":
+        settings.update(head_dim=16, final_logit_softcapping=5.0, sliding_window=64)
     settings.update(overrides)
     torch.manual_seed(0)
     return model_class(config_class(**settings))
