@@ -20,6 +20,8 @@ class GenerationSpec:
 
     max_new_tokens: int = 256
     """Longest completion in tokens."""
+    min_new_tokens: int = 0
+    """Shortest completion in tokens (EOS is suppressed before it; e.g. to force equal lengths)."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
     temperature: float = 1.0
@@ -36,6 +38,8 @@ class GenerationSpec:
             raise UserInputError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
             raise UserInputError("generation.temperature must be > 0 when sampling (use do_sample: false)")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserInputError("generation.min_new_tokens must be between 0 and max_new_tokens")
         if not 0 < self.top_p <= 1:
             raise UserInputError(f"generation.top_p must be in (0, 1], got {self.top_p}")
 
@@ -48,6 +52,7 @@ def generation_config(spec: GenerationSpec, model: PreTrainedModel, tokenizer: P
     sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k} if spec.do_sample else {}
     return GenerationConfig(
         max_new_tokens=spec.max_new_tokens,
+        min_new_tokens=spec.min_new_tokens or None,
         do_sample=spec.do_sample,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=sorted(eos_ids),
