@@ -223,10 +223,10 @@ def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, HF folder, .gguf file or hub id")
-    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per arm")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per arm")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before them (>= 1)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=512, help="long enough that GSM8K lengths vary")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
     parser.add_argument("--seed", type=int, default=0)
@@ -308,6 +308,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, suffix=".tmp", delete=False) as handle:
         json.dump(results, handle, indent=2)
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates it 0600
     os.replace(handle.name, RESULTS)
     print(f"\nwrote {RESULTS}")
 
