@@ -10,8 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from peft import get_peft_model
 
-from callbacks.io import atomic_directory, write_json_atomic
-from callbacks.run_summary import run_directory
+from callbacks.io import atomic_directory, run_directory, write_json_atomic
 from lightning_modules.loading import load_model
 
 

@@ -1,4 +1,4 @@
-"""Atomic outputs: a file or folder appears complete under its final name, or not at all."""
+"""Where a run's outputs go, and atomic writes: a file or folder appears complete or not at all."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import lightning as L
 
 
 def _umask() -> int:
@@ -57,3 +59,8 @@ def atomic_directory(path: Path) -> Iterator[Path]:
             os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_directory(trainer: L.Trainer) -> Path:
+    """The run's log directory. Call it on EVERY rank: under DDP `trainer.log_dir` is a broadcast."""
+    return Path(trainer.log_dir or trainer.default_root_dir)

@@ -7,10 +7,14 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.export import EpochExport
+from callbacks.io import run_directory
 
-def run_directory(trainer: L.Trainer) -> Path:
-    """The run's log directory. Call it on EVERY rank: under DDP `trainer.log_dir` is a broadcast."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+
+def export_directory(trainer: L.Trainer, run_dir: Path) -> Path:
+    """Where the EpochExport callback writes `epoch_N/` (the run directory unless configured)."""
+    dirpaths = [callback.dirpath for callback in trainer.callbacks if isinstance(callback, EpochExport)]
+    return Path(dirpaths[0]) if dirpaths and dirpaths[0] else run_dir
 
 
 class RunSummary(L.Callback):
@@ -29,7 +33,7 @@ class RunSummary(L.Callback):
             f"\nRun directory:  {run_dir}\n"
             f"TensorBoard:    tensorboard --logdir {run_dir.parent}\n"
             f"Checkpoints:    {checkpoints}\n"
-            f"Epoch exports:  {run_dir}/epoch_<N>/\n",
+            f"Epoch exports:  {export_directory(trainer, run_dir)}/epoch_<N>/\n",
             flush=True,
         )
 
@@ -39,6 +43,6 @@ class RunSummary(L.Callback):
         if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath:
             for checkpoint in sorted(Path(trainer.checkpoint_callback.dirpath).glob("*.ckpt")):
                 lines.append(f"  checkpoint:       {checkpoint}")
-        for export in sorted(run_dir.glob("epoch_*")):
+        for export in sorted(export_directory(trainer, run_dir).glob("epoch_[0-9]*")):
             lines.append(f"  epoch export:     {export}")
         print("\n".join(lines) + "\n", flush=True)

@@ -9,8 +9,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.io import write_json_atomic, write_jsonl_atomic
-from callbacks.run_summary import run_directory
+from callbacks.io import run_directory, write_json_atomic, write_jsonl_atomic
 
 
 class SampleWriter(L.Callback):
