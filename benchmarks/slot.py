@@ -6,7 +6,7 @@
 2. Batching: questions/s of SLOT at batch 8 vs the reference protocol's batch-1 loop (target >= 3x),
    and whether both give the same answers.
 
-    python benchmarks/slot.py [--questions 8] [--new-tokens 48] [--batch-size 8]
+    python benchmarks/slot.py [--questions 8] [--new-tokens 128] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--questions", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=128, help="forced generation length (the protocol: up to 512)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/slot.json"))

@@ -11,54 +11,55 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache, GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_modules.decoding import DecodingSpec, logits_processors
 from lightning_modules.errors import UserInputError
 
 
 @dataclass
 class GenerationSpec:
-    """How completions are generated (greedy unless `do_sample`)."""
+    """How completions are generated: length, decoding rule (greedy by default), stop strings."""
 
     max_new_tokens: int = 256
     """Longest completion in tokens."""
     min_new_tokens: int = 0
     """Shortest completion in tokens (EOS is suppressed before it; e.g. to force equal lengths)."""
-    do_sample: bool = False
-    """Sample instead of greedy decoding."""
-    temperature: float = 1.0
-    """Sampling temperature (only when sampling)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (only when sampling; 1.0 = off)."""
-    top_k: int = 0
-    """Keep the k most likely tokens (only when sampling; 0 = off)."""
+    decoding: DecodingSpec = field(default_factory=lambda: DecodingSpec(temperature=0.0))
+    """How each token is chosen: temperature 0 = greedy (the default); every sampling knob (top_k, top_p,
+    min_p, epsilon/eta, greedy_threshold, dynamic_top_k, EDT, confidence bins, calibrated cut-offs) is in
+    lightning_modules/decoding.py."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings; the completion is cut before the first one (EOS always stops)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserInputError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise UserInputError("generation.temperature must be > 0 when sampling (use do_sample: false)")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserInputError("generation.min_new_tokens must be between 0 and max_new_tokens")
-        if not 0 < self.top_p <= 1:
-            raise UserInputError(f"generation.top_p must be in (0, 1], got {self.top_p}")
 
 
-def generation_config(spec: GenerationSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
-    """A fresh GenerationConfig from `spec` (the model's own sampling defaults are not inherited)."""
+# transformers fills every GenerationConfig field left unset from the model's generation_config.json (Qwen
+# instruct models ship a repetition penalty, for one): these are pinned so that `spec` alone decides.
+NOT_INHERITED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0}
+
+
+def generation_config(
+    spec: GenerationSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[GenerationConfig, LogitsProcessorList]:
+    """A GenerationConfig decided by `spec` alone, and the logits processors its decoding needs."""
     eos_ids = model.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
     eos_ids.add(tokenizer.eos_token_id)
-    sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k} if spec.do_sample else {}
-    return GenerationConfig(
+    sampling, processors = logits_processors(spec.decoding)
+    config = GenerationConfig(
         max_new_tokens=spec.max_new_tokens,
         min_new_tokens=spec.min_new_tokens or None,
-        do_sample=spec.do_sample,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=sorted(eos_ids),
         stop_strings=spec.stop or None,
+        **NOT_INHERITED,
         **sampling,
     )
+    return config, processors
 
 
 @torch.no_grad()
@@ -79,11 +80,12 @@ def generate(
     if prompt_ids.shape[1] and bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left-padded prompts (the last column is padding)")
     extra = {"tokenizer": tokenizer} if spec.stop else {}  # stop strings are matched through it
+    config, decoding = generation_config(spec, model, tokenizer)
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
-        generation_config=generation_config(spec, model, tokenizer),
-        logits_processor=logits_processor,
+        generation_config=config,
+        logits_processor=LogitsProcessorList([*(logits_processor or []), *decoding]),
         past_key_values=past_key_values,
         **extra,
     )

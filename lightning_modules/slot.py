@@ -6,8 +6,9 @@ adds the same delta at every generated position. The backbone runs ONCE per prom
 
 - the prefill covers prompt[:-1]: its logits and hidden states are everything the loss needs, and its KV
   cache is where generation continues (from the last prompt token) - no second prefill;
-- the head is linear, so logits(h + d) = logits(h) + W d: an iteration adds one [V] vector to the cached
-  prompt logits and back-propagates through one mat-vec (O(T·V + V·H) instead of O(T·V·H));
+- the head is linear, so logits(h + d) = logits(h) + W d, and exp(logits) factorises: with exp(prompt
+  logits) cached once, an iteration's exact loss and gradient are two mat-vecs over that cache plus W·d
+  and Wᵀ·g (O(T·V + V·H) instead of O(T·V·H), no autograd, nothing [T, V]-sized written);
 - heads that are not linear (final logit soft-capping) take the exact autograd path through the head.
 
 Batches keep one delta per sample and average each sample's loss over its own tokens, so a batch gives
@@ -72,6 +73,10 @@ class OutputHead:
         """What adding `delta` to the hidden state adds to the logits (linear heads): scale * W delta."""
         return F.linear(delta.to(self.layer.weight.dtype), self.layer.weight).float() * self.scale
 
+    def delta_logits_grad(self, gradient: torch.Tensor) -> torch.Tensor:
+        """The gradient in delta of a loss whose gradient in `delta_logits(delta)` is `gradient`: scale * Wᵀ g."""
+        return (gradient.to(self.layer.weight.dtype) @ self.layer.weight).float() * self.scale
+
 
 @contextmanager
 def head_input_hook(
@@ -101,7 +106,7 @@ class Prefill:
     hidden: torch.Tensor  # [B, T-1, H] head inputs
     logits: torch.Tensor  # [B, T-1, V] fp32 prompt logits
     targets: torch.Tensor  # [B, T-1] next-token ids
-    weights: torch.Tensor  # [B, T-1] 1 where both the position and its target are real tokens
+    weights: torch.Tensor  # [B, T-1] 1/n_b at a sample's n_b real (position, target) pairs, 0 at padding
     cache: DynamicCache
 
 
@@ -120,21 +125,59 @@ def prefill(model: PreTrainedModel, head: OutputHead, prompt_ids: torch.Tensor, 
         output = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
-    hidden = seen[-1]
-    logits = output.logits.float()
-    if not torch.allclose(head.logits(hidden), logits, atol=1e-3, rtol=1e-3):
+    hidden, logits = seen[-1], output.logits.float()
+    tail = slice(-2, None)  # the last positions are real tokens in every row of a left-padded batch
+    if not torch.allclose(head.logits(hidden[:, tail]), logits[:, tail], atol=1e-3, rtol=1e-3):
         raise UserInputError(
             f"SLOT cannot reproduce the logits of {type(model).__name__} from its last hidden state "
             "(an output head transformation it does not know)"
         )
-    weights = (mask * prompt_mask[:, 1:]).float()
-    return Prefill(hidden, logits, prompt_ids[:, 1:], weights, cache)
+    pairs = (mask * prompt_mask[:, 1:]).float()
+    return Prefill(hidden, logits, prompt_ids[:, 1:], pairs / pairs.sum(1, keepdim=True).clamp(min=1), cache)
 
 
-def prompt_losses(logits: torch.Tensor, state: Prefill) -> torch.Tensor:
-    """Each sample's mean next-token cross-entropy over its own real prompt tokens: [B]."""
-    token_losses = F.cross_entropy(logits.transpose(1, 2), state.targets, reduction="none")
-    return (token_losses * state.weights).sum(1) / state.weights.sum(1).clamp(min=1)
+class CachedLogitLoss:
+    """Exact per-sample prompt loss and its gradient in delta for a linear head, without autograd.
+
+    With logits L + s·W·d, exp(L + s·W·d) = exp(L) ⊙ exp(s·W·d): exp(L - rowmax) is computed once, and every
+    evaluation is two batched mat-vecs over it (the softmax normalisers, and the softmax mass summed over
+    positions) plus W·d and Wᵀ·g. No [B, T, V] tensor is written per iteration.
+    """
+
+    def __init__(self, head: OutputHead, state: Prefill) -> None:
+        self.head, self.targets, self.weights = head, state.targets, state.weights
+        self.row_max = state.logits.amax(-1)  # [B, T]
+        self.exp = (state.logits - self.row_max[..., None]).exp()  # [B, T, V]
+        self.target_logits = state.logits.gather(-1, state.targets[..., None])[..., 0]  # [B, T]
+
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = self.head.delta_logits(delta)  # [B, 1, V]: s·W·d, the same at every position
+        shift_max = shift.amax(-1, keepdim=True)
+        shift_exp = (shift - shift_max).exp()
+        sums = torch.bmm(self.exp, shift_exp.transpose(1, 2))[..., 0]  # [B, T] softmax normalisers
+        log_normaliser = self.row_max + shift_max[..., 0] + sums.log()
+        target = self.target_logits + shift[:, 0].gather(-1, self.targets)
+        losses = ((log_normaliser - target) * self.weights).sum(1)
+        # d loss / d shift = sum_t w_t (softmax_t - onehot(target_t)); softmax_t = exp_t ⊙ shift_exp / sums_t
+        mass = torch.bmm((self.weights / sums)[:, None], self.exp) * shift_exp  # [B, 1, V]
+        mass.scatter_add_(-1, self.targets[:, None], -self.weights[:, None])
+        return losses, self.head.delta_logits_grad(mass)
+
+
+class HeadAutogradLoss:
+    """The general path (non-linear heads): the head recomputed on h + delta, differentiated by autograd."""
+
+    def __init__(self, head: OutputHead, state: Prefill) -> None:
+        self.head, self.state = head, state
+
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            delta = delta.detach().requires_grad_(True)
+            logits = self.head.logits(self.state.hidden + delta)
+            token_losses = F.cross_entropy(logits.transpose(1, 2), self.state.targets, reduction="none")
+            losses = (token_losses * self.state.weights).sum(1)
+            (gradient,) = torch.autograd.grad(losses.sum(), delta)  # a sum: each sample gets its own gradient
+        return losses.detach(), gradient
 
 
 def optimise_deltas(
@@ -144,21 +187,20 @@ def optimise_deltas(
     ({iters: [B, 1, H] fp32}) and the per-sample loss at every step count 0..max(iters) ([B, max+1])."""
     batch, _, hidden_size = state.hidden.shape
     snapshots, trace = {}, []
-    # Evaluation loops run under inference mode; the prefill's tensors are cloned out of it for autograd.
-    with torch.inference_mode(False), torch.enable_grad():
+    # Evaluation loops run under inference mode; autograd (general path) and AdamW's updates need out of it.
+    with torch.inference_mode(False):
         state = Prefill(*(t.clone() for t in (state.hidden, state.logits, state.targets, state.weights)), state.cache)
-        delta = torch.zeros(batch, 1, hidden_size, dtype=torch.float32, device=state.hidden.device, requires_grad=True)
+        loss_and_gradient = CachedLogitLoss(head, state) if head.linear else HeadAutogradLoss(head, state)
+        delta = torch.zeros(batch, 1, hidden_size, dtype=torch.float32, device=state.hidden.device)
         optimizer = torch.optim.AdamW([delta], lr=lr, weight_decay=1e-8, eps=1e-5)
         for step in range(max(iters) + 1):
             if step in iters:
-                snapshots[step] = delta.detach().clone()
-            logits = state.logits + head.delta_logits(delta) if head.linear else head.logits(state.hidden + delta)
-            losses = prompt_losses(logits, state)
-            trace.append(losses.detach())
+                snapshots[step] = delta.clone()
+            losses, gradient = loss_and_gradient(delta)
+            trace.append(losses)
             if step == max(iters):
                 break
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()  # a sum: each sample's gradient is its own loss's gradient
+            delta.grad = gradient
             optimizer.step()
     return snapshots, torch.stack(trace, dim=1)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from datamodules.batching import pad_sequences
+from lightning_modules.decoding import DecodingSpec
 from lightning_modules.errors import UserInputError
 from lightning_modules.generation import GenerationSpec, cut_at_stop, generate
 from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
@@ -51,7 +52,7 @@ def test_greedy_equals_manual_argmax_decoding(llama):
 def test_sampling_is_seeded_and_differs_from_greedy(llama):
     model, tokenizer = llama
     ids, mask = encode(tokenizer, ["Question: a b c"] * 4)
-    spec = GenerationSpec(max_new_tokens=10, do_sample=True, temperature=1.5)
+    spec = GenerationSpec(max_new_tokens=10, decoding=DecodingSpec(temperature=1.5))
     torch.manual_seed(0)
     first = generate(model, tokenizer, ids, mask, spec)
     torch.manual_seed(0)
@@ -73,4 +74,16 @@ def test_right_padding_and_bad_specs_are_rejected(llama):
     with pytest.raises(UserInputError):
         GenerationSpec(max_new_tokens=0)
     with pytest.raises(UserInputError):
-        GenerationSpec(do_sample=True, temperature=0)
+        DecodingSpec(temperature=-1)
+    with pytest.raises(UserInputError):
+        GenerationSpec(max_new_tokens=4, min_new_tokens=5)
+
+
+def test_the_models_own_generation_defaults_are_not_inherited(tiny_llama):
+    model = load_model(ModelSpec(name=str(tiny_llama))).eval()
+    tokenizer = load_tokenizer(ModelSpec(name=str(tiny_llama)))
+    ids, mask = encode(tokenizer, ["Question: Natalia sold 48 clips.\nAnswer:"])
+    plain = generate(model, tokenizer, ids, mask, GenerationSpec(max_new_tokens=12))
+    model.generation_config.repetition_penalty = 5.0  # as a model's generation_config.json may ship
+    model.generation_config.no_repeat_ngram_size = 1
+    assert generate(model, tokenizer, ids, mask, GenerationSpec(max_new_tokens=12)) == plain

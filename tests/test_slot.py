@@ -233,3 +233,18 @@ def test_slot_end_to_end_on_the_embedded_model(tmp_path):
     assert all("<think>" in row["prompt"] or "think" in row["prompt"] for row in slot_rows)
     events = list((tmp_path / "slot").glob("version_*/events.out.tfevents.*"))
     assert events
+
+
+def test_math500_and_plain_prompts_work_the_same_way(tiny_llama, tmp_path):
+    result = slot_cli(
+        str(tiny_llama), tmp_path, "--data.task", "math", "--data.answer_format", "math", "--data.test_limit", "2",
+        "--data.prompt.style", "plain", "--data.prompt.system_prompt", "null",
+        "--model.init_args.generation.max_new_tokens", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, logs = read_arms(tmp_path)
+    rows = logs["log_times_5_lr_0.1"]
+    assert len(rows) == 2 and all(row["prompt"].startswith("Question: ") for row in rows)
+    assert {row["id"] for row in rows} <= {
+        json.loads(line)["unique_id"] for line in (REPO / "data/math500/test.jsonl").open()
+    }

@@ -1,0 +1,235 @@
+"""Correctness-first decoding: the sampling knobs of "Sample Smart, Not Hard" (arXiv 2510.05987).
+
+Every rule looks at the same distribution p = softmax(scaled logits) and says "keep the top K"; the final K
+is the minimum over the active rules (at least 1, so the argmax is always kept) and every other logit becomes
+-inf. The rules, their formulas and their order are those of decoding_and_calibration.md ("The sampling knobs").
+
+Ties: "the top K" is undefined when the K-th and (K+1)-th scaled logits are equal. Here every token tied with
+the K-th one is kept (as HF's top-k does), so the kept set depends on the distribution only, never on token
+ids (upstream breaks such ties arbitrarily). Exact ties are rare in float32, not in bf16 models' logits.
+
+When transformers' own warpers are used instead: HF applies its warpers one after another, each on what the
+previous one left, so two filtering rules together are not "the minimum K on one p" (epsilon after top-k
+compares the renormalised probabilities with its threshold). With a temperature plus at most ONE filtering
+rule, HF's chain (temperature first, then the filter, keeping at least the top token) is exactly the reference,
+ties included:
+- top_k: HF keeps the logits >= the k-th largest: the same set.
+- min_p, prob_threshold (HF epsilon_cutoff), hewitt_epsilon (HF eta_cutoff): HF keeps {p >= threshold}, or the
+  argmax when that is empty, with the same threshold formulas (eta: min(eps, sqrt(eps) exp(-H)), H of the scaled
+  logits); the processor computes p and H the same way, so both give bit-identical logits.
+- top_p is NOT equivalent and always goes through the processor: HF keeps a token when the mass before it is
+  strictly < top_p (as an ascending cumulative sum compared with 1 - top_p), the reference when it is <= top_p
+  (K = #{cumsum(p) <= top_p} + 1): p = (.5, .25, .125, ...) with top_p = .75 keeps 2 tokens in HF, 3 here.
+- temperature 0 is greedy decoding (do_sample=False): K = 1 keeps the argmax.
+Everything else (the new knobs, top_p, or two filtering rules) samples through `CorrectnessFirstProcessor` with
+HF's warpers neutralised (temperature 1, top_k 0, top_p 1, min_p 0, typical_p 1, no epsilon/eta), so nothing is
+filtered twice and no filtering setting is inherited from the model's generation_config.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from lightning_modules.errors import UserInputError
+
+NEUTRAL_SAMPLING = {
+    "do_sample": True,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,  # HF adds a MinP warper for any non-None value; at 0 it removes nothing
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
+"""GenerationConfig sampling fields under which HF adds no filtering warper of its own."""
+
+HF_FILTERS = {"top_k": "top_k", "min_p": "min_p", "prob_threshold": "epsilon_cutoff", "hewitt_epsilon": "eta_cutoff"}
+"""DecodingSpec knob -> the GenerationConfig field whose HF warper is exactly equivalent when it is alone."""
+
+
+@dataclass
+class DecodingSpec:
+    """How the next token is chosen: temperature 0 is greedy; otherwise sample from the tokens every rule keeps."""
+
+    temperature: float = 1.0
+    """Divide the logits by this; 0 = greedy (keep only the argmax)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus: keep K = #{cumulative prob <= top_p} + 1 tokens (1.0 = off)."""
+    min_p: float = 0.0
+    """Keep tokens with prob >= min_p * top-1 prob (0 = off)."""
+    prob_threshold: float = 0.0
+    """Epsilon sampling: keep tokens with prob >= this (0 = off)."""
+    hewitt_epsilon: float = 0.0
+    """Eta sampling: keep tokens with prob >= min(eps, sqrt(eps) * exp(-entropy)) (0 = off)."""
+    greedy_threshold: float = 0.0
+    """Go greedy at steps whose top-1 prob is below this (0 = off)."""
+    dynamic_top_k: list[int] | None = None
+    """Calibrated top-k: 10 ints >= 1, the k for top-1 prob in [0.9, 1], [0.8, 0.9), ..., [0, 0.1)."""
+    edt_var: list[float] | None = None
+    """Entropy-dependent temperature N, theta, T0 (all > 0): T = T0 * N^(theta / H); replaces temperature."""
+    confidence_bin_only: int | None = None
+    """Sample only at steps whose top-1 prob is in this bin (1 = [0, 0.1) ... 10 = [0.9, 1]); greedy elsewhere."""
+    cal_acc: list[float] | None = None
+    """Calibrated epsilon A, B, thr: keep tokens whose estimated correctness 10^A * p^B is >= thr (B, thr > 0)."""
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UserInputError(f"decoding.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise UserInputError(f"decoding.top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError(f"decoding.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise UserInputError(f"decoding.min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        for name in ("prob_threshold", "hewitt_epsilon"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserInputError(f"decoding.{name} must be in [0, 1) (0 = off), got {getattr(self, name)}")
+        if not 0 <= self.greedy_threshold <= 1:
+            raise UserInputError(f"decoding.greedy_threshold must be in [0, 1] (0 = off), got {self.greedy_threshold}")
+        if self.dynamic_top_k is not None:
+            _check_list("dynamic_top_k", self.dynamic_top_k, 10, "integers", _is_int)
+            if min(self.dynamic_top_k) < 1:
+                raise UserInputError(f"decoding.dynamic_top_k values must be >= 1, got {list(self.dynamic_top_k)}")
+        if self.edt_var is not None:
+            _check_list("edt_var", self.edt_var, 3, "numbers (N, theta, T0)", _is_number)
+            if min(self.edt_var) <= 0:
+                raise UserInputError(f"decoding.edt_var N, theta and T0 must all be > 0, got {list(self.edt_var)}")
+            if self.temperature != 1:
+                raise UserInputError("decoding.edt_var replaces decoding.temperature: leave temperature at 1.0")
+        if self.confidence_bin_only is not None and not (
+            _is_int(self.confidence_bin_only) and 1 <= self.confidence_bin_only <= 10
+        ):
+            raise UserInputError(
+                f"decoding.confidence_bin_only must be an integer 1..10, got {self.confidence_bin_only}"
+            )
+        if self.cal_acc is not None:
+            _check_list("cal_acc", self.cal_acc, 3, "numbers (A, B, thr)", _is_number)
+            if not (self.cal_acc[1] > 0 and self.cal_acc[2] > 0):
+                raise UserInputError(f"decoding.cal_acc B and thr must be > 0, got {list(self.cal_acc)}")
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: only the argmax is kept (greedy decoding)."""
+        return self.temperature == 0
+
+    @property
+    def is_plain(self) -> bool:
+        """Every knob at its default: sampling from the model's distribution untouched."""
+        return all(getattr(self, f.name) == f.default for f in fields(self))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_list(name: str, values, length: int, what: str, valid) -> None:
+    if not isinstance(values, (list, tuple)):
+        raise UserInputError(f"decoding.{name} needs a list of exactly {length} {what}, got {values!r}")
+    if len(values) != length:
+        raise UserInputError(f"decoding.{name} needs exactly {length} {what}, got {len(values)}")
+    if not all(valid(v) for v in values):
+        raise UserInputError(f"decoding.{name} needs exactly {length} {what}, got {list(values)}")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy (nats) of softmax(logits), -inf logits allowed (computed as HF's EtaLogitsWarper does)."""
+    return torch.distributions.Categorical(logits=logits, validate_args=False).entropy()
+
+
+def edt_temperature(logits: torch.Tensor, n: float, theta: float, t0: float) -> torch.Tensor:
+    """EDT's per-row temperature T0 * exp(max((theta / H) * ln N, 1e-5)), H of the raw logits (>= eps)."""
+    h = entropy(logits).clamp(min=torch.finfo(logits.dtype).eps)
+    return t0 * torch.exp(((theta / h) * math.log(n)).clamp(min=1e-5))
+
+
+class CorrectnessFirstProcessor(LogitsProcessor):
+    """All of `DecodingSpec`'s rules in one processor: scaled logits with everything outside the top K at -inf.
+
+    K is the minimum over the active rules, computed per row on the same p = softmax(scaled logits), so
+    sampling from the result samples from the renormalised kept set. Vectorised over the batch (one sort).
+    """
+
+    def __init__(self, spec: DecodingSpec) -> None:
+        self.spec = spec
+
+    def scale(self, scores: torch.Tensor) -> torch.Tensor:
+        """Rule 1: EDT when set, else the temperature (0 counts as 1 here; rule 12 makes it greedy)."""
+        if self.spec.edt_var is not None:
+            return scores / edt_temperature(scores, *self.spec.edt_var)[:, None]
+        temperature = self.spec.temperature
+        return scores if temperature in (0, 1) else scores / temperature
+
+    def keep_counts(self, scaled: torch.Tensor, probs: torch.Tensor, sorted_probs: torch.Tensor) -> torch.Tensor:
+        """Rules 3-12: the per-row K (long, 1..V)."""
+        spec, vocab = self.spec, scaled.shape[-1]
+        pmax = probs.amax(dim=-1, keepdim=True)
+        k = torch.full((scaled.shape[0],), vocab, dtype=torch.long, device=scaled.device)
+
+        def count(kept: torch.Tensor) -> torch.Tensor:  # K = #{kept}, at least 1
+            return kept.sum(dim=-1).clamp(min=1)
+
+        confidence_bin = (pmax[:, 0] * 10).floor().long().clamp(max=9)  # 0 = [0, 0.1) ... 9 = [0.9, 1]
+        if spec.top_k:
+            k = k.clamp(max=spec.top_k)
+        if spec.dynamic_top_k is not None:
+            table = torch.tensor(spec.dynamic_top_k, dtype=torch.long, device=k.device)
+            k = torch.minimum(k, table[9 - confidence_bin])  # element 0 for pmax in [0.9, 1]
+        if spec.prob_threshold:
+            k = torch.minimum(k, count(probs >= spec.prob_threshold))
+        if spec.min_p:
+            k = torch.minimum(k, count(probs >= spec.min_p * pmax))
+        if spec.top_p < 1:
+            k = torch.minimum(k, (sorted_probs.cumsum(dim=-1) <= spec.top_p).sum(dim=-1) + 1)
+        if spec.hewitt_epsilon:
+            eps = torch.tensor(spec.hewitt_epsilon, device=scaled.device)
+            threshold = torch.minimum(eps, eps.sqrt() * torch.exp(-entropy(scaled)))
+            k = torch.minimum(k, count(probs >= threshold[:, None]))
+        if spec.greedy_threshold:
+            k = torch.where(pmax[:, 0] < spec.greedy_threshold, 1, k)
+        if spec.confidence_bin_only is not None:
+            k = torch.where(confidence_bin + 1 != spec.confidence_bin_only, 1, k)  # bin 1 = [0, 0.1)
+        if spec.cal_acc is not None:
+            a, b, threshold = spec.cal_acc
+            k = torch.minimum(k, count(10**a * probs**b >= threshold))
+        if spec.greedy:
+            k = torch.ones_like(k)
+        return k.clamp(min=1, max=vocab)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        scaled = self.scale(scores)
+        probs = scaled.softmax(dim=-1)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        k = self.keep_counts(scaled, probs, probs.gather(-1, order))
+        kth_logit = sorted_logits.gather(-1, (k - 1)[:, None])
+        return scaled.masked_fill(scaled < kth_logit, -math.inf)  # ties with the K-th logit are kept
+
+
+def logits_processors(spec: DecodingSpec) -> tuple[dict, LogitsProcessorList]:
+    """(GenerationConfig keyword arguments, logits processors) that decode as `spec` says.
+
+    Greedy -> do_sample=False. A temperature with at most one of top_k/min_p/prob_threshold/hewitt_epsilon ->
+    HF's own (exactly equivalent) warpers, no processor. Anything else -> neutral HF sampling settings plus
+    [CorrectnessFirstProcessor(spec)].
+    """
+    if spec.greedy:
+        return {"do_sample": False}, LogitsProcessorList()
+    defaults = {f.name: f.default for f in fields(DecodingSpec)}
+    others = [name for name in defaults if name not in HF_FILTERS and name != "temperature"]
+    active = [name for name in HF_FILTERS if getattr(spec, name)]
+    if all(getattr(spec, name) == defaults[name] for name in others) and len(active) <= 1:
+        kwargs = {**NEUTRAL_SAMPLING, "temperature": float(spec.temperature)}
+        for name in active:  # top_k stays an int, the cut-offs floats (HF's warpers check the type)
+            kwargs[HF_FILTERS[name]] = type(NEUTRAL_SAMPLING[HF_FILTERS[name]])(getattr(spec, name))
+        return kwargs, LogitsProcessorList()
+    return dict(NEUTRAL_SAMPLING), LogitsProcessorList([CorrectnessFirstProcessor(spec)])
