@@ -147,10 +147,10 @@ class CachedLogitLoss:
     def __init__(self, head: OutputHead, state: Prefill) -> None:
         self.head, self.targets, self.weights = head, state.targets, state.weights
         self.row_max = state.logits.amax(-1)  # [B, T]
-        self.exp = (state.logits - self.row_max[..., None]).exp()  # [B, T, V]
+        self.exp = (state.logits - self.row_max[..., None]).exp_()  # [B, T, V]
         self.target_logits = state.logits.gather(-1, state.targets[..., None])[..., 0]  # [B, T]
 
-    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, delta: torch.Tensor, with_gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift = self.head.delta_logits(delta)  # [B, 1, V]: s·W·d, the same at every position
         shift_max = shift.amax(-1, keepdim=True)
         shift_exp = (shift - shift_max).exp()
@@ -158,6 +158,8 @@ class CachedLogitLoss:
         log_normaliser = self.row_max + shift_max[..., 0] + sums.log()
         target = self.target_logits + shift[:, 0].gather(-1, self.targets)
         losses = ((log_normaliser - target) * self.weights).sum(1)
+        if not with_gradient:
+            return losses, None
         # d loss / d shift = sum_t w_t (softmax_t - onehot(target_t)); softmax_t = exp_t ⊙ shift_exp / sums_t
         mass = torch.bmm((self.weights / sums)[:, None], self.exp) * shift_exp  # [B, 1, V]
         mass.scatter_add_(-1, self.targets[:, None], -self.weights[:, None])
@@ -170,7 +172,7 @@ class HeadAutogradLoss:
     def __init__(self, head: OutputHead, state: Prefill) -> None:
         self.head, self.state = head, state
 
-    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, delta: torch.Tensor, with_gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.enable_grad():
             delta = delta.detach().requires_grad_(True)
             logits = self.head.logits(self.state.hidden + delta)
@@ -181,24 +183,29 @@ class HeadAutogradLoss:
 
 
 def optimise_deltas(
-    head: OutputHead, state: Prefill, iters: list[int], lr: float
+    head: OutputHead, state: Prefill, iters: list[int], lr: float, autograd: bool = False
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Optimise one delta per sample for max(iters) steps; return delta after each requested step count
-    ({iters: [B, 1, H] fp32}) and the per-sample loss at every step count 0..max(iters) ([B, max+1])."""
+    ({iters: [B, 1, H] fp32}) and the per-sample loss at every step count 0..max(iters) ([B, max+1]).
+    `autograd` forces the general path (the reference's way; for comparisons)."""
     batch, _, hidden_size = state.hidden.shape
     snapshots, trace = {}, []
-    # Evaluation loops run under inference mode; autograd (general path) and AdamW's updates need out of it.
+    # Evaluation loops run under inference mode; AdamW's updates (and autograd, general path) need out of it.
     with torch.inference_mode(False):
-        state = Prefill(*(t.clone() for t in (state.hidden, state.logits, state.targets, state.weights)), state.cache)
-        loss_and_gradient = CachedLogitLoss(head, state) if head.linear else HeadAutogradLoss(head, state)
+        if head.linear and not autograd:
+            loss_and_gradient = CachedLogitLoss(head, state)
+        else:  # autograd cannot use inference-mode tensors: clone them out
+            state = Prefill(*(t.clone() for t in (state.hidden, state.logits, state.targets, state.weights)), None)
+            loss_and_gradient = HeadAutogradLoss(head, state)
         delta = torch.zeros(batch, 1, hidden_size, dtype=torch.float32, device=state.hidden.device)
         optimizer = torch.optim.AdamW([delta], lr=lr, weight_decay=1e-8, eps=1e-5)
         for step in range(max(iters) + 1):
             if step in iters:
                 snapshots[step] = delta.clone()
-            losses, gradient = loss_and_gradient(delta)
+            last = step == max(iters)
+            losses, gradient = loss_and_gradient(delta, with_gradient=not last)
             trace.append(losses)
-            if step == max(iters):
+            if last:
                 break
             delta.grad = gradient
             optimizer.step()

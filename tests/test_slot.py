@@ -106,6 +106,8 @@ def test_delta_and_greedy_tokens_equal_plain_autograd(which, request):
         expected_delta, expected_losses = reference_slot(model, prompt, tokenizer, iters=5, lr=0.1)
         torch.testing.assert_close(deltas[5], expected_delta, atol=1e-5, rtol=0)
         torch.testing.assert_close(trace[0, :5], torch.tensor(expected_losses), atol=1e-5, rtol=0)
+        forced, _ = optimise_deltas(head, prefill(model, head, ids, mask), [5], lr=0.1, autograd=True)
+        torch.testing.assert_close(forced[5], deltas[5], atol=1e-5, rtol=0)  # both paths, one answer
         assert trace[0, -1] < trace[0, 0]  # the prompt loss went down
         completion = slot_generate(model, tokenizer, head, ids, mask, deltas[5], 12)[0]
         assert completion == reference_greedy(model, tokenizer, prompt, expected_delta, 12)
