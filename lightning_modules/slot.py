@@ -142,26 +142,31 @@ class CachedLogitLoss:
     With logits L + s·W·d, exp(L + s·W·d) = exp(L) ⊙ exp(s·W·d): exp(L - rowmax) is computed once, and every
     evaluation is two batched mat-vecs over it (the softmax normalisers, and the softmax mass summed over
     positions) plus W·d and Wᵀ·g. No [B, T, V] tensor is written per iteration.
+
+    The cache is float64: a BLAS mat-vec accumulates a row's 10^4-10^5 terms sequentially in its precision,
+    and in float32 the softmax tail (terms below half an ulp of the running sum) is lost - a 3e-4 relative
+    error in the normaliser on SmolLM2, where torch's pairwise log_softmax is exact to 1e-7. It costs twice
+    the memory of the float32 prompt logits.
     """
 
     def __init__(self, head: OutputHead, state: Prefill) -> None:
         self.head, self.targets, self.weights = head, state.targets, state.weights
         self.row_max = state.logits.amax(-1)  # [B, T]
-        self.exp = (state.logits - self.row_max[..., None]).exp_()  # [B, T, V]
+        self.exp = (state.logits - self.row_max[..., None]).exp_().double()  # [B, T, V]: float32 terms, float64 sums
         self.target_logits = state.logits.gather(-1, state.targets[..., None])[..., 0]  # [B, T]
 
     def __call__(self, delta: torch.Tensor, with_gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift = self.head.delta_logits(delta)  # [B, 1, V]: s·W·d, the same at every position
         shift_max = shift.amax(-1, keepdim=True)
-        shift_exp = (shift - shift_max).exp()
+        shift_exp = (shift - shift_max).double().exp()
         sums = torch.bmm(self.exp, shift_exp.transpose(1, 2))[..., 0]  # [B, T] softmax normalisers
-        log_normaliser = self.row_max + shift_max[..., 0] + sums.log()
+        log_normaliser = self.row_max + shift_max[..., 0] + sums.log().float()
         target = self.target_logits + shift[:, 0].gather(-1, self.targets)
         losses = ((log_normaliser - target) * self.weights).sum(1)
         if not with_gradient:
             return losses, None
         # d loss / d shift = sum_t w_t (softmax_t - onehot(target_t)); softmax_t = exp_t ⊙ shift_exp / sums_t
-        mass = torch.bmm((self.weights / sums)[:, None], self.exp) * shift_exp  # [B, 1, V]
+        mass = (torch.bmm((self.weights / sums)[:, None], self.exp) * shift_exp).float()  # [B, 1, V]
         mass.scatter_add_(-1, self.targets[:, None], -self.weights[:, None])
         return losses, self.head.delta_logits_grad(mass)
 
