@@ -294,7 +294,7 @@ def test_boolean_scoring():
 
 
 def test_registry_and_unknown_format():
-    assert set(ANSWER_FORMATS) == {"gsm8k", "math", "aqua", "boolean"}
+    assert set(ANSWER_FORMATS) == {"gsm8k", "math", "aqua", "boolean", "last_number"}
     assert all(isinstance(fmt, AnswerFormat) and fmt.name == name for name, fmt in ANSWER_FORMATS.items())
     assert score_completion(ANSWER_FORMATS["gsm8k"], "#### 3", "3") == ("3", True)
     with pytest.raises(ValueError, match="gsm8k") as error:
@@ -302,3 +302,18 @@ def test_registry_and_unknown_format():
     message = str(error.value)
     assert "\n" not in message
     assert all(name in message for name in ("gsm8k", "math", "aqua", "boolean", "svamp"))
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "expected"),
+    [
+        ("<think>48 + 24 = 72</think><answer>72</answer>", "72", ("72", True)),
+        ("half of 0.5 is 0.25", "0.25", ("0.25", True)),
+        ("so it is 3/4", "0.75", ("3/4", True)),  # math-verify: 3/4 == 0.75
+        ("in all 1,234 clips", "1234", ("234", False)),  # the reference's regex has no thousands separator
+        ("-5 degrees", "-5", ("5", False)),  # ... and no sign
+        ("no digits", "3", (None, False)),
+    ],
+)
+def test_last_number_follows_the_slot_reference(completion, gold, expected):
+    assert score_completion("last_number", completion, gold) == expected
