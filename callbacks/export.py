@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from peft import get_peft_model
 
 from callbacks.io import atomic_directory, run_directory, write_json_atomic
-from lightning_modules.loading import load_model
+from lightning_modules.finetune import rebuild_with_adapter
 
 
 class EpochExport(L.Callback):
@@ -55,15 +54,9 @@ def export_model(module: L.LightningModule, state: dict, path: Path, adapter_onl
     if module.mode == "full":
         module.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
     else:
-        # Rebuild the unquantised base on the CPU and merge the trained adapter into it: the same path
-        # serves LoRA and QLoRA (merging into 4-bit weights would lose precision) and FSDP.
         trainable = {name.removeprefix("model.") for name in module.trainable_parameter_names()}
         adapter = {key: value for key, value in weights.items() if key in trainable}
-        base = load_model(replace(module.backbone, quantization=None, gradient_checkpointing=False))
-        peft_model = get_peft_model(base, module.lora.to_config())
-        result = peft_model.load_state_dict(adapter, strict=False)
-        if result.unexpected_keys or not adapter:
-            raise RuntimeError(f"export: adapter weights do not fit the rebuilt model: {result.unexpected_keys[:3]}")
+        peft_model = rebuild_with_adapter(module.backbone, module.lora, adapter, "export")
         if adapter_only:
             peft_model.save_pretrained(path, safe_serialization=True)
         else:

@@ -189,6 +189,29 @@ class CausalLMFineTuner(LightningModule):
             )
 
 
+def rebuild_with_adapter(backbone: ModelSpec, lora: LoraSpec, adapter: dict, source: str) -> PeftModel:
+    """The unquantised `backbone` on the CPU, wrapped with `lora` and holding the trained `adapter` weights
+    (keys as in the PEFT model). One path for exports and evaluation, LoRA and QLoRA (merging into 4-bit
+    weights would lose precision) and FSDP-gathered weights; what does not fit is named in one line."""
+    peft_model = get_peft_model(
+        load_model(replace(backbone, quantization=None, gradient_checkpointing=False)), lora.to_config()
+    )
+    try:
+        result = peft_model.load_state_dict(adapter, strict=False)
+    except RuntimeError as error:  # shapes differ
+        raise UserInputError(
+            f"{source} does not match model {backbone.name}: {str(error).splitlines()[-1].strip()}"
+        ) from None
+    missing = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad} - set(adapter)
+    if result.unexpected_keys or missing:
+        example = sorted(result.unexpected_keys or missing)[0]
+        raise UserInputError(
+            f"{source} does not match model {backbone.name} with its LoRA settings: "
+            f"{len(result.unexpected_keys)} unexpected and {len(missing)} missing adapter weights, e.g. '{example}'"
+        )
+    return peft_model
+
+
 def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> PreTrainedModel:
     """The model to evaluate: `backbone` itself; an `epoch_N/` export (full folder, or adapter folder on
     top of `backbone`); or a Lightning checkpoint of CausalLMFineTuner on `backbone` (adapters merged)."""
@@ -203,13 +226,13 @@ def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> 
         raise UserInputError(f"checkpoint '{path}' does not exist")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     hparams = saved.get("hyper_parameters", {})
-    mode = "lora" if hparams.get("mode") == "qlora" else hparams.get("mode", "lora")  # merge into full precision
-    module = CausalLMFineTuner(backbone=backbone, mode=mode, lora=LoraSpec(**hparams.get("lora", {})))
-    module.configure_model()
-    module.on_load_checkpoint(saved)  # names what does not fit
+    weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
+    if hparams.get("mode") != "full":
+        lora = LoraSpec(**hparams.get("lora", {}))
+        return rebuild_with_adapter(backbone, lora, weights, f"checkpoint '{path}'").merge_and_unload()
+    model = load_model(backbone)
     try:
-        module.load_state_dict(saved["state_dict"], strict=False)
+        model.load_state_dict(weights)
     except RuntimeError as error:
         raise UserInputError(f"checkpoint '{path}' does not match model {backbone.name}: {error}") from None
-    model = module.model
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+    return model
