@@ -7,12 +7,13 @@ the resolved configuration; `--help` documents every argument.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import Namespace, auto_cli
 from lightning import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -23,6 +24,10 @@ from datamodules.reasoning import ReasoningDataModule
 from lightning_modules.errors import ReasoningLabError, UserInputError
 
 RUNS_DIR = "runs"
+
+# Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
+# The function's signature and docstring become the command's arguments and `--help` (jsonargparse).
+COMMANDS: dict[str, tuple[str, str]] = {}
 
 
 class ReasoningLabCLI(LightningCLI):
@@ -76,9 +81,29 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ReasoningLabCL
     )
 
 
+def run_command(name: str, args: list[str]) -> None:
+    """Run companion command `name` with its own arguments."""
+    module_name, function_name = COMMANDS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    auto_cli(function, args=args, as_positional=False, parser_mode="omegaconf")
+
+
+def print_commands() -> None:
+    print("companion commands (python cli.py COMMAND --help):")
+    for name, (_, description) in COMMANDS.items():
+        print(f"  {name:<12} {description}")
+    print()
+
+
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv and argv[0] in COMMANDS:
+            run_command(argv[0], argv[1:])
+            return
+        if argv[:1] in (["-h"], ["--help"]) and COMMANDS:
+            print_commands()
         build_cli(args)
     except Exception as error:
         ours = our_error(error)

@@ -1,0 +1,1 @@
+"""Companion commands of cli.py (see cli.COMMANDS)."""
