@@ -11,6 +11,7 @@ import importlib
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace, auto_cli
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks.export import EpochExport
 from callbacks.run_summary import RunSummary
 from callbacks.samples import SampleWriter
+from callbacks.slurm import SlurmRequeue
 from datamodules.reasoning import ReasoningDataModule
 from lightning_modules.errors import ReasoningLabError, UserInputError
 
@@ -27,7 +29,12 @@ RUNS_DIR = "runs"
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "scaffold": (
+        "commands.scaffold:scaffold",
+        "SLURM scripts for fine-tuning runs, their evaluations and base controls",
+    ),
+}
 
 
 class ReasoningLabCLI(LightningCLI):
@@ -61,9 +68,30 @@ def resolve_last_checkpoint(config: Namespace) -> None:
     print(f"Resuming {config.ckpt_path}", flush=True)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> ReasoningLabCLI:
+class ConfigResolver(ReasoningLabCLI):
+    """Parses and validates a configuration without instantiating anything (no model is loaded)."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def resolve_config(args: list[str]) -> tuple[str, Namespace]:
+    """The configuration that `fit` would run with `args` (configs and overrides, no subcommand): as YAML
+    text `python cli.py fit --config` takes, and as a namespace."""
+    with warnings.catch_warnings():  # args are given on purpose while sys.argv holds the calling command's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        resolver = build_cli(args, run=False, cli_class=ConfigResolver)
+    return resolver.parser.dump(resolver.config, skip_none=False), resolver.config
+
+
+def build_cli(
+    args: list[str] | None = None, run: bool = True, cli_class: type[ReasoningLabCLI] = ReasoningLabCLI
+) -> ReasoningLabCLI:
     """Parse `args` (default: sys.argv), instantiate everything and, with `run`, run the subcommand."""
-    return ReasoningLabCLI(
+    return cli_class(
         LightningModule,
         ReasoningDataModule,
         subclass_mode_model=True,
@@ -72,7 +100,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ReasoningLabCL
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": RUNS_DIR, "name": "default"},
             },
-            "callbacks": [RunSummary(), SampleWriter()],
+            "callbacks": [RunSummary(), SampleWriter(), SlurmRequeue()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -85,7 +113,7 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False, parser_mode="omegaconf")
+    auto_cli(function, args=args, as_positional=False)
 
 
 def print_commands() -> None:

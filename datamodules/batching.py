@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
@@ -69,6 +69,26 @@ class LengthGroupedBatchSampler(BatchSampler):
                 batches.pop()
             for index in torch.randperm(len(batches), generator=generator).tolist():
                 yield batches[index]
+
+
+class ResumingDataLoader(DataLoader):
+    """A DataLoader that asks `batches_done()`, when an epoch's first batch is requested, how many batches of
+    that epoch were already trained, and skips them: a run resumed from a checkpoint taken mid-epoch (e.g. at
+    SLURM's time limit) trains on exactly the batches it had not seen. (Asked at the first batch, not when
+    the iterator is made: Lightning makes it before it restores the loop state.)"""
+
+    def __init__(self, *args, batches_done: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def __iter__(self) -> Iterator:
+        iterator = super().__iter__()
+        return self._resumed(iterator) if self.batches_done else iterator
+
+    def _resumed(self, iterator: Iterator) -> Iterator:
+        for _ in range(self.batches_done()):
+            next(iterator, None)
+        yield from iterator
 
 
 def collate(features: list[dict], pad_id: int, answer_format: str | None = None) -> dict:

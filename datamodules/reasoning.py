@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from functools import partial
 
 import datasets
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, collate
+from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, ResumingDataLoader, collate
 from datamodules.prompts import PromptFormatter, PromptSpec
 from datamodules.scoring import get_answer_format
 from datamodules.tasks import Example, get_task, load_examples
 from lightning_modules.errors import UserInputError
 
 log = logging.getLogger(__name__)
+# Lightning warns that a mid-epoch resume repeats data unless the loader is stateful; train_dataloader()
+# skips the batches already trained instead (ResumingDataLoader), which tests/test_slurm.py checks bit for bit.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class ReasoningDataModule(LightningDataModule):
@@ -141,12 +146,26 @@ class ReasoningDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset, hp = self.splits["train"], self.hparams
         sampler = EpochSeededRandomSampler(dataset, seed=hp.seed)
-        loader_args = {"collate_fn": self._collate(with_prompts=False), "num_workers": hp.num_workers}
+        loader_args = {
+            "collate_fn": self._collate(with_prompts=False),
+            "num_workers": hp.num_workers,
+            "batches_done": self._batches_trained_in_resumed_epoch,
+            # Iterators draw their base seed from this generator, not from the global RNG that dropout uses
+            # (a resumed run makes its iterator at a different point of the training than the original run).
+            "generator": torch.Generator().manual_seed(hp.seed),
+        }
         if not hp.group_by_length:
-            return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, **loader_args)
+            return ResumingDataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, **loader_args)
         lengths = [len(ids) for ids in dataset["input_ids"]]
         batches = LengthGroupedBatchSampler(sampler, hp.batch_size, drop_last=False, lengths=lengths, seed=hp.seed)
-        return DataLoader(dataset, batch_sampler=batches, **loader_args)
+        return ResumingDataLoader(dataset, batch_sampler=batches, **loader_args)
+
+    def _batches_trained_in_resumed_epoch(self) -> int:
+        """While `fit` resumes a checkpoint saved mid-epoch, the batches of that epoch it already trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

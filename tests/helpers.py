@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 
@@ -28,3 +30,16 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+class ReportSteps(L.Callback):
+    """After every training batch, writes the global step to `path` and sleeps `delay` seconds, so a test can
+    signal the process while it trains."""
+
+    def __init__(self, path: str, delay: float = 0.3) -> None:
+        self.path, self.delay = path, delay
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        with open(self.path, "w") as file:
+            file.write(str(trainer.global_step))
+        time.sleep(self.delay)

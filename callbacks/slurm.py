@@ -1,0 +1,134 @@
+"""Surviving SLURM's time limit: hpc checkpoint, self-requeue and resume, with Lightning's SLURM support.
+
+Under `srun`, Lightning detects the SLURM environment (ranks, world size, master address) and, with
+`#SBATCH --signal=SIGUSR1@90` and `--requeue`, its own handler saves `hpc_ckpt_<n>.ckpt` in
+`trainer.default_root_dir`, runs `scontrol requeue` and, on restart without `--ckpt_path`, resumes from it.
+
+This callback keeps that protocol but moves the save out of the signal handler: the handler only records
+the signal, and the checkpoint is written at the next optimizer-step boundary, after every rank agreed.
+A checkpoint written inside a signal handler can capture a half-done step (and under DDP deadlock against
+a collective in flight, Lightning issue #21406); one written at a boundary resumes bit-exactly. It also
+warns about the failure modes users report: python started without srun (no ranks, no requeue), a SIGTERM
+arriving with no requeue signal before it (the `--signal` line is missing or went to the batch shell only),
+and `scontrol` missing (containers). Outside SLURM it does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+REQUEUE_EXIT_CODE = 124  # the exit status of a job stopped for the time limit
+
+
+def slurm_job_id() -> str | None:
+    """The job id `scontrol requeue` takes (array jobs: <array job>_<task>)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def next_hpc_checkpoint(folder: Path) -> Path:
+    """`hpc_ckpt_<n+1>.ckpt` after the highest existing n (the name Lightning resumes from)."""
+    numbers = [
+        int(m.group(1)) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
+    return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+class SlurmRequeue(L.Callback):
+    """On SLURM's requeue signal (or a bare SIGTERM), save an hpc checkpoint at the next optimizer step,
+    requeue the job and stop; a no-op outside SLURM or with `plugins: SLURMEnvironment(auto_requeue=False)`."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.previous_handlers: dict[int, object] = {}
+        self.last_step = -1
+
+    @staticmethod
+    def environment(trainer: L.Trainer) -> SLURMEnvironment | None:
+        environment = trainer._accelerator_connector.cluster_environment  # noqa: SLF001 - no public accessor
+        return environment if isinstance(environment, SLURMEnvironment) and environment.auto_requeue else None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or "SLURM_JOB_ID" not in os.environ or not trainer.is_global_zero:
+            return
+        if "SLURM_STEP_ID" not in os.environ or SLURMEnvironment.job_name() in ("bash", "interactive"):
+            log.warning(
+                "SLURM job %s: this process was not started by srun, so Lightning's SLURM support (ranks, hpc "
+                "checkpoint and requeue at the time limit) is off. Launch it as `srun python cli.py fit ...` "
+                "(the scripts of `cli.py scaffold` do).",
+                os.environ["SLURM_JOB_ID"],
+            )
+        elif self.environment(trainer) is not None and shutil.which("scontrol") is None:
+            log.warning(
+                "scontrol is not on PATH (a container?): at the time limit the hpc checkpoint is still saved in "
+                "%s, but the job cannot requeue itself; resubmit the same script to resume.",
+                trainer.default_root_dir,
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        environment = self.environment(trainer)
+        if environment is None:
+            return
+        self.last_step = trainer.global_step
+        # Lightning registered its handlers just before training started: record instead of saving in them.
+        for signum in (environment.requeue_signal, signal.SIGTERM):
+            self.previous_handlers[signum] = signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum: int, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            if signum == signal.SIGTERM:
+                log.warning(
+                    "SIGTERM arrived with no requeue signal before it: add `#SBATCH --signal=SIGUSR1@90` (sent to "
+                    "srun's tasks; `B:` sends it to the batch shell only). Saving at the next step anyway."
+                )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not self.previous_handlers or trainer.global_step == self.last_step:
+            return  # not on SLURM, or mid gradient accumulation: not a step boundary
+        self.last_step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
+            return
+        path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state
+        if trainer.is_global_zero:
+            log.warning("%s: saved %s at step %d", self.signal_name or "signal", path, trainer.global_step)
+            requeue()
+        # Stop every rank now, never with success: if the requeue failed, the job must not count as completed
+        # (evaluations wait on `afterok`). The requeued job resumes from `path`.
+        raise SIGTERMException(REQUEUE_EXIT_CODE)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before the Trainer's own teardown, which then restores the handlers of before `fit`
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+def requeue() -> None:
+    """`scontrol requeue <job>`; a failure is a warning (the checkpoint is saved: resubmit to resume)."""
+    job_id = slurm_job_id()
+    try:
+        result = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        log.warning("scontrol not found: the job was not requeued; resubmit the same script to resume")
+        return
+    if result.returncode == 0:
+        log.warning("Requeued SLURM job %s", job_id)
+    else:
+        log.warning("scontrol requeue %s failed (%s): resubmit the same script", job_id, result.stderr.strip())

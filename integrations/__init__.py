@@ -1,0 +1,1 @@
+"""Adapters that let external evaluators (inspect-ai) run reasoning-lab's data, prompts and scoring."""

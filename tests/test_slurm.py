@@ -1,0 +1,78 @@
+"""SLURM: SIGUSR1 at the time limit -> hpc checkpoint at a step boundary -> scontrol requeue -> exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
+
+
+def fake_commands(folder: Path, names: tuple[str, ...]) -> Path:
+    """Executables that append their name and arguments (one JSON line) to folder/calls.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        script = folder / name
+        script.write_text(
+            "#!/usr/bin/env bash\n"
+            f'python3 -c \'import json,sys; print(json.dumps(sys.argv[1:]))\' {name} "$@" >> "{folder}/calls.jsonl"\n'
+            'echo "Submitted batch job 1000$(wc -l < "' + str(folder) + '/calls.jsonl")"\n'
+        )
+        script.chmod(0o755)
+    return folder
+
+
+def slurm_environment(bin_dir: Path) -> dict[str, str]:
+    """What srun gives one task of a one-node, one-task job (no srun executable needed)."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    environment.update(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        PYTHONPATH=f"{REPO / 'tests'}:{REPO}",
+        SLURM_JOB_ID="4242", SLURM_JOB_NAME="finetune", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+        SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost",
+    )  # fmt: skip
+    return environment
+
+
+def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactly(tiny_llama, tmp_path):
+    straight, slurm = tmp_path / "straight", tmp_path / "slurm"
+    assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2")]) == 0
+
+    bin_dir = fake_commands(tmp_path / "bin", ("scontrol",))
+    progress = tmp_path / "step.txt"
+    reporter = json.dumps({"class_path": "helpers.ReportSteps", "init_args": {"path": str(progress)}})
+    args = tiny_args(tiny_llama, slurm, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(slurm),
+                     "--trainer.logger.init_args.version", "0")  # fmt: skip
+    command = [sys.executable, str(REPO / "cli.py"), "fit", *args]
+    first = subprocess.Popen([*command, f"--trainer.callbacks+={reporter}"], env=slurm_environment(bin_dir),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (progress.is_file() and progress.read_text() in {"2", "3"}) and first.poll() is None:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=SIGUSR1@90` delivers to srun's tasks
+    output = first.communicate(timeout=240)[0]
+    assert first.returncode == 124, output  # stopped after requeueing, never "completed"
+    assert [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()] == [
+        ["scontrol", "requeue", "4242"]
+    ]
+    (hpc,) = slurm.glob("hpc_ckpt_*.ckpt")
+    saved_at = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= saved_at < 8
+
+    # The requeued job runs the same command; Lightning resumes from the hpc checkpoint by itself.
+    restart = subprocess.run(command, env=slurm_environment(bin_dir), capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
+    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
+    actual = trainable_state(run_dir(slurm) / "checkpoints/last.ckpt")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
