@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
+from callbacks.slurm import SlurmRequeue
 from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
 
 
@@ -76,3 +78,32 @@ def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactl
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+class Rank0:
+    is_global_zero = True
+    default_root_dir = "."
+
+
+def test_a_process_not_started_by_srun_is_warned_about(monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    SlurmRequeue().setup(Rank0(), None, "fit")
+    assert "not started by srun" in caplog.text
+
+
+def test_missing_scontrol_is_warned_about(monkeypatch, caplog, tmp_path):
+    environment = slurm_environment(tmp_path)  # no fake scontrol in tmp_path
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    SlurmRequeue().setup(trainer, None, "fit")
+    assert "scontrol is not on PATH" in caplog.text
+
+
+def test_a_bare_sigterm_is_recorded_with_a_warning(caplog):
+    callback = SlurmRequeue()
+    callback._record_signal(signal.SIGTERM, None)
+    callback._record_signal(signal.SIGUSR1, None)  # the first signal names the event
+    assert callback.signal_name == "SIGTERM" and "SIGTERM arrived with no requeue signal" in caplog.text
