@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, collate
+from datamodules.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from datamodules.prompts import PromptFormatter, PromptSpec
 from datamodules.scoring import get_answer_format
 from datamodules.tasks import Example, get_task, load_examples
@@ -40,6 +41,7 @@ class ReasoningDataModule(LightningDataModule):
         seed: seed of every subset and of the shuffling.
         num_workers: DataLoader worker processes.
         tokenizer: the model's tokenizer; `cli.py` links it from the model.
+        planning: the model's planning tokens, written into the targets; `cli.py` links it from the model.
     """
 
     def __init__(
@@ -60,9 +62,10 @@ class ReasoningDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        planning: PlanningSpec | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", "planning"])
         self.task = get_task(task)
         self.answer_format = get_answer_format(answer_format or self.task.answer_format)
         self.prompt = prompt or PromptSpec()
@@ -70,7 +73,11 @@ class ReasoningDataModule(LightningDataModule):
             if getattr(self.hparams, name) < 1:
                 raise UserInputError(f"data.{name} must be >= 1, got {getattr(self.hparams, name)}")
         self.tokenizer = tokenizer
+        self.planning = planning or PlanningSpec()
+        self.source = ""  # the file or hub id of the split being encoded, for error messages
         self.splits: dict[str, datasets.Dataset] = {}
+        self.gold_types: dict[str, dict[str, dict[str, int]]] = {}
+        """split -> example id -> planning key -> count in the planned gold solution (the token report)."""
 
     @property
     def formatter(self) -> PromptFormatter:
@@ -82,6 +89,7 @@ class ReasoningDataModule(LightningDataModule):
         hp = self.hparams
         if stage in ("fit", "validate") and "train" not in self.splits:
             examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
+            self.source = hp.train_path or str(self.task.bundled.get("train"))
             if len(examples) <= hp.val_size:
                 raise UserInputError(f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}")
             order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
@@ -91,6 +99,7 @@ class ReasoningDataModule(LightningDataModule):
             self.splits["val"] = self._encode([examples[i] for i in val], "validation")
         if stage in ("test", "predict") and "test" not in self.splits:
             examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
+            self.source = hp.test_path or str(self.task.bundled.get("test"))
             if hp.test_limit and hp.test_limit < len(examples):
                 examples = [
                     examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
@@ -101,11 +110,14 @@ class ReasoningDataModule(LightningDataModule):
         """Tokenise; a response running past max_length is truncated. A prompt that alone reaches
         max_length drops a training/validation example (with a warning) but is an error at test time,
         where dropping questions would silently change the accuracy's denominator."""
-        formatter, max_length = self.formatter, self.hparams.max_length
+        formatter, max_length, planning = self.formatter, self.hparams.max_length, self.planning
         rows, truncated, dropped = [], 0, 0
+        self.gold_types[name] = {}
         for example in examples:
-            input_ids, labels = formatter.encode_example(example.question, example.response)
-            prompt_ids = formatter.encode_prompt(example.question)
+            response = self.planned_response(example) if planning.active else example.response
+            self.gold_types[name][example.id] = dict(planning.count_types(response))
+            input_ids, labels = formatter.encode_example(example.question, response)
+            prompt_ids = formatter.encode_prompt(example.question, planning.eval_prefix())
             if len(prompt_ids) >= max_length:
                 if name == "test":
                     raise UserInputError(
@@ -137,6 +149,19 @@ class ReasoningDataModule(LightningDataModule):
         if not rows:
             raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")
         return datasets.Dataset.from_list(rows)
+
+    def planned_response(self, example: Example) -> str:
+        """The gold solution with its planning tokens: steps typed by the planning method, then the answer line."""
+        where = f"data: {self.source} example '{example.id}'"
+        if self.planning.method == "memory-reason":
+            steps, types = tagged_steps(example.response, where)
+        elif self.planning.method == "arithmetic":
+            steps = split_steps(example.response, self.task.name)
+            types = [arithmetic_types(step, self.planning.operators) for step in steps]
+        else:
+            raise UserInputError(f"model.planning.method={self.planning.method} is not available in this version")
+        answer = example.answer or self.answer_format.extract(example.response) or ""
+        return self.planning.render(steps, types, answer)
 
     def train_dataloader(self) -> DataLoader:
         dataset, hp = self.splits["train"], self.hparams
