@@ -18,6 +18,7 @@ from lightning import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.export import EpochExport
+from callbacks.planning_report import PlanningReport
 from callbacks.run_summary import RunSummary
 from callbacks.samples import SampleWriter
 from datamodules.planning import PlanningSpec
@@ -80,7 +81,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ReasoningLabCL
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": RUNS_DIR, "name": "default"},
             },
-            "callbacks": [RunSummary(), SampleWriter()],
+            "callbacks": [RunSummary(), SampleWriter(), PlanningReport()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

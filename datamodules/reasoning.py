@@ -25,7 +25,8 @@ class ReasoningDataModule(LightningDataModule):
     """Question/solution data of one task, tokenised with the model's tokenizer.
 
     Args:
-        task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records).
+        task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records) |
+            strategyqa ({"question","steps","answer"} records, steps tagged [rag]/[memory]/[reason]).
         train_path: training data, a .json/.jsonl file or a hub id; None = the task's bundled train split.
         test_path: test data (test and predict), likewise; None = the task's bundled test split.
         hub_subset: the hub dataset's configuration name (e.g. "main" for openai/gsm8k).

@@ -29,13 +29,13 @@ from lightning_modules.vocabulary import (
     trainable_token_targets,
 )
 
-Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning"]
-TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning")
+Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
+TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
 
 
 @dataclass
 class LoraSpec:
-    """LoRA adapter settings (modes lora and qlora)."""
+    """LoRA adapter settings (modes lora, qlora and their +prompt-tuning variants)."""
 
     r: int = 16
     """Rank of the update matrices."""
@@ -63,8 +63,9 @@ class CausalLMFineTuner(LightningModule):
     Args:
         backbone: the model to fine-tune (alias, folder, GGUF file or hub id) and how to load it.
         mode: full (every weight), lora (adapters on a frozen model), qlora (adapters on a 4/8-bit model),
-            prompt-tuning (only the planning tokens' embedding and lm_head rows), lora+prompt-tuning (both).
-        lora: adapter settings for lora / qlora / lora+prompt-tuning.
+            prompt-tuning (only the planning tokens' embedding and lm_head rows), lora+prompt-tuning (both),
+            qlora+prompt-tuning (both, on a 4/8-bit model).
+        lora: adapter settings of the lora / qlora modes.
         planning: planning tokens (step-type selection, n_prefix, n_special); added to the tokenizer here,
             the datamodule writes them into the targets (linked by `cli.py`).
         generation: decoding used for validation / test accuracy and predictions.
@@ -86,10 +87,12 @@ class CausalLMFineTuner(LightningModule):
         # generation is an evaluation knob: kept out of the hparams that `--ckpt_path` re-applies over the config
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation"])
         backbone = backbone or ModelSpec()
-        if mode == "qlora" and backbone.quantization is None:
+        if mode.startswith("qlora") and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
-        if mode != "qlora" and backbone.quantization is not None:
-            raise UserInputError(f"model.backbone.quantization={backbone.quantization} needs mode: qlora")
+        if not mode.startswith("qlora") and backbone.quantization is not None:
+            raise UserInputError(
+                f"model.backbone.quantization={backbone.quantization} needs mode: qlora or qlora+prompt-tuning"
+            )
         self.backbone, self.mode = backbone, mode
         self.lora = lora or LoraSpec()
         self.generation = generation or GenerationSpec()
@@ -100,7 +103,7 @@ class CausalLMFineTuner(LightningModule):
         if mode in TOKEN_MODES and not self.planning.active:
             raise UserInputError(f"model.mode={mode} trains planning tokens: set model.planning.method")
         if mode in ("lora", "qlora") and self.planning.active:
-            raise UserInputError(f"model.mode={mode} would leave the planning tokens untrained: use lora+prompt-tuning")
+            raise UserInputError(f"model.mode={mode} leaves the planning tokens untrained: use {mode}+prompt-tuning")
         self.tokenizer = load_tokenizer(self.backbone)
         self.new_tokens = set(add_tokens(self.tokenizer, self.planning.tokens()))  # rows initialised in configure_model
         self.model = None
@@ -230,7 +233,7 @@ def build_trainable_model(
     ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens)
     if mode in ("lora", "qlora"):
         return get_peft_model(model, lora.to_config())
-    if mode == "lora+prompt-tuning":
+    if mode in ("lora+prompt-tuning", "qlora+prompt-tuning"):
         return get_peft_model(model, lora.to_config(trainable_token_targets(model, ids)))
     if mode == "prompt-tuning":
         return get_peft_model(model, prompt_tuning_config(model, ids))
@@ -250,7 +253,7 @@ def rebuild_with_adapter(
     QLoRA (merging into 4-bit weights would lose precision) and FSDP-gathered weights; what does not fit is
     named in one line."""
     planning = planning or PlanningSpec()
-    mode = "lora" if mode == "qlora" else mode
+    mode = mode.replace("qlora", "lora")
     tokenizer = load_tokenizer(backbone)
     new_tokens = set(add_tokens(tokenizer, planning.tokens()))
     base = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
