@@ -118,7 +118,7 @@ class PlanningSpec:
         tokens = self.key_tokens()
         return Counter({key: text.count(toks[0]) for key, toks in tokens.items()})
 
-    def strip(self, text: str) -> str:
+    def remove_tokens(self, text: str) -> str:
         """`text` without planning tokens (what answer extraction reads)."""
         for token in self.tokens():
             text = text.replace(token, "")
@@ -133,8 +133,8 @@ def split_steps(solution: str, task: str) -> list[str]:
     if task == "aqua":
         solution = re.sub(r"^\s*explanation\s*:?\s*", "", solution, flags=re.IGNORECASE)
         lines = solution.strip().splitlines()
-        if lines and len(lines[-1]) < 40 and re.match(r"\s*(the\s+)?answer\s*(is)?\s*:?", lines[-1], re.IGNORECASE):
-            lines = lines[:-1]
+        while lines and len(lines[-1]) < 40 and re.match(r"\s*(the\s+)?answer\b", lines[-1], re.IGNORECASE):
+            lines = lines[:-1]  # the rationale's own "Answer: B" and the task's appended "The answer is B."
         solution = "\n".join(lines)
     steps = []
     for line in solution.splitlines():

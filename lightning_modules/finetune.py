@@ -173,7 +173,7 @@ class CausalLMFineTuner(LightningModule):
         completions = generate(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation)
         rows = []
         for index, completion in enumerate(completions):
-            scored = self.planning.strip(completion)
+            scored = self.planning.remove_tokens(completion)
             prediction, correct = score_completion(batch["answer_format"], scored, batch["answer"][index])
             rows.append(
                 {

@@ -12,9 +12,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli, main
-from lightning_modules.errors import UserInputError
 from datamodules.planning import PlanningSpec
+from lightning_modules.errors import UserInputError
 from lightning_modules.finetune import CausalLMFineTuner, LoraSpec
+from lightning_modules.generation import GenerationSpec, generate
 from lightning_modules.loading import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +126,12 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
+    # ...and generate the same text from a prompt ending in the planning prefix tokens (tokenizer from the export).
+    tokenizer = AutoTokenizer.from_pretrained(run / "epoch_1")
+    prompt = tokenizer("Question: 2+3?\nAnswer: <prefix_0><prefix_1><prefix_2>", return_tensors="pt")
+    spec = GenerationSpec(max_new_tokens=12)
+    texts = [generate(m, tokenizer, prompt.input_ids, prompt.attention_mask, spec) for m in (exported, module.model)]
+    assert texts[0] == texts[1]
 
     # test on the checkpoint writes per-question samples named after the checkpoint's step.
     assert run_main(["test", *tiny_args(tiny_llama, resumed, "--ckpt_path", "last", "--data.test_limit", "4")]) == 0
