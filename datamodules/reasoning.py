@@ -7,14 +7,16 @@ import random
 from functools import partial
 
 import datasets
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, collate
-from datamodules.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
+from datamodules.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from datamodules.prompts import PromptFormatter, PromptSpec
 from datamodules.scoring import get_answer_format
+from datamodules.step_types import StepTyper, annotate_steps
 from datamodules.tasks import Example, get_task, load_examples
 from lightning_modules.errors import UserInputError
 
@@ -77,6 +79,9 @@ class ReasoningDataModule(LightningDataModule):
         self.planning = planning or PlanningSpec()
         self.source = ""  # the file or hub id of the split being encoded, for error messages
         self.splits: dict[str, datasets.Dataset] = {}
+        self.typer: StepTyper | None = None
+        self.step_types: dict[str, list[int]] = {}
+        """kmeans / vae: example id -> the type of each of its steps."""
         self.gold_types: dict[str, dict[str, dict[str, int]]] = {}
         """split -> example id -> planning key -> count in the planned gold solution (the token report)."""
 
@@ -89,23 +94,68 @@ class ReasoningDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage in ("fit", "validate") and "train" not in self.splits:
-            examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
-            self.source = hp.train_path or str(self.task.bundled.get("train"))
-            if len(examples) <= hp.val_size:
-                raise UserInputError(f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}")
-            order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
-            val, train = order[: hp.val_size], order[hp.val_size :]
-            train = train[: hp.train_limit] if hp.train_limit else train
-            self.splits["train"] = self._encode([examples[i] for i in train], "train")
-            self.splits["val"] = self._encode([examples[i] for i in val], "validation")
+            train, val = self._train_and_val()
+            self._type_steps({"train": train, "validation": val}, train)
+            self.splits["train"] = self._encode(train, "train")
+            self.splits["val"] = self._encode(val, "validation")
         if stage in ("test", "predict") and "test" not in self.splits:
             examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
-            self.source = hp.test_path or str(self.task.bundled.get("test"))
             if hp.test_limit and hp.test_limit < len(examples):
                 examples = [
                     examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
                 ]
+            self._type_steps({"test": examples})
+            self.source = hp.test_path or str(self.task.bundled.get("test"))
             self.splits["test"] = self._encode(examples, "test")
+
+    def _train_and_val(self) -> tuple[list[Example], list[Example]]:
+        """The training examples (after `train_limit`) and the held-out validation questions (seeded)."""
+        hp = self.hparams
+        examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
+        self.source = hp.train_path or str(self.task.bundled.get("train"))
+        if len(examples) <= hp.val_size:
+            raise UserInputError(f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}")
+        order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
+        val, train = order[: hp.val_size], order[hp.val_size :]
+        train = train[: hp.train_limit] if hp.train_limit else train
+        return [examples[i] for i in train], [examples[i] for i in val]
+
+    def _type_steps(self, splits: dict[str, list[Example]], train: list[Example] | None = None) -> None:
+        """kmeans / vae: type every step of `splits` with the typer fitted on the training examples (fitted
+        here, found in the cache, or restored from a checkpoint by `load_state_dict`)."""
+        if self.planning.method not in CLUSTER_METHODS:
+            return
+        if self.typer is None and train is None:
+            train = self._train_and_val()[0]
+        task = self.task.name
+        fit_on = [] if self.typer else [(e.question, split_steps(e.response, task)) for e in train or []]
+        items = {
+            name: [(e.id, e.question, split_steps(e.response, task)) for e in split] for name, split in splits.items()
+        }
+        try:
+            self.typer, types = annotate_steps(self.planning, fit_on, items, self.hparams.seed, self.typer)
+        except ValueError as error:
+            raise UserInputError(f"model.planning ({self.planning.method}): {error}") from None
+        for split_types in types.values():
+            self.step_types.update(split_types)
+
+    def state_dict(self) -> dict:
+        """The fitted step typer (kmeans / vae), saved in checkpoints so evaluation reuses it."""
+        return {"planning_typer": self.typer.tensors} if self.typer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = state.get("planning_typer")
+        if tensors is None or self.planning.method not in CLUSTER_METHODS:
+            return
+        if self.typer is not None and tensors.keys() == self.typer.tensors.keys():
+            if all(torch.equal(tensors[key], self.typer.tensors[key]) for key in tensors):
+                return
+        self.typer = StepTyper(self.planning, tensors)  # restored after `setup`: encode again with it
+        stages = [stage for split, stage in (("train", "fit"), ("test", "test")) if split in self.splits]
+        self.splits.clear()
+        self.step_types.clear()
+        for stage in stages:
+            self.setup(stage)
 
     def _encode(self, examples: list[Example], name: str) -> datasets.Dataset:
         """Tokenise; a response running past max_length is truncated. A prompt that alone reaches
@@ -159,8 +209,9 @@ class ReasoningDataModule(LightningDataModule):
         elif self.planning.method == "arithmetic":
             steps = split_steps(example.response, self.task.name)
             types = [arithmetic_types(step, self.planning.operators) for step in steps]
-        else:
-            raise UserInputError(f"model.planning.method={self.planning.method} is not available in this version")
+        else:  # kmeans / vae: typed in `_type_steps`
+            steps = split_steps(example.response, self.task.name)
+            types = [[str(label)] for label in self.step_types[example.id]]
         answer = example.answer or self.answer_format.extract(example.response) or ""
         return self.planning.render(steps, types, answer)
 
