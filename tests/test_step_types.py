@@ -51,7 +51,7 @@ def test_learned_types_are_k_labels_deterministic_with_a_seed(tiny_llama, method
     second.setup("fit")
     assert first.step_types == second.step_types and len(first.step_types) == 12  # train + validation
     labels = {label for types in first.step_types.values() for label in types}
-    assert labels <= set(range(K)) and len(labels) >= (K if method == "kmeans" else 2)  # the VAE may leave a type unused
+    assert labels <= set(range(K)) and len(labels) >= (K if method == "kmeans" else 2)  # a VAE type may go unused
     row = first.splits["train"][0]
     text, types = first.tokenizer.decode([t for t in row["labels"] if t != -100]), first.step_types[row["id"]]
     assert [text.count(f"<{label}_0>") for label in range(K)] == [types.count(label) for label in range(K)]
