@@ -79,6 +79,7 @@ class ReasoningDataModule(LightningDataModule):
         self.planning = planning or PlanningSpec()
         self.source = ""  # the file or hub id of the split being encoded, for error messages
         self.splits: dict[str, datasets.Dataset] = {}
+        self.test_examples: list[Example] = []
         self.typer: StepTyper | None = None
         self.step_types: dict[str, list[int]] = {}
         """kmeans / vae: example id -> the type of each of its steps."""
@@ -104,9 +105,10 @@ class ReasoningDataModule(LightningDataModule):
                 examples = [
                     examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
                 ]
-            self._type_steps({"test": examples})
             self.source = hp.test_path or str(self.task.bundled.get("test"))
-            self.splits["test"] = self._encode(examples, "test")
+            self.test_examples = examples
+            if self.planning.method not in CLUSTER_METHODS:  # learned types: encoded once a checkpoint is restored
+                self.splits["test"] = self._encode(examples, "test")
 
     def _train_and_val(self) -> tuple[list[Example], list[Example]]:
         """The training examples (after `train_limit`) and the held-out validation questions (seeded)."""
@@ -151,11 +153,10 @@ class ReasoningDataModule(LightningDataModule):
             if all(torch.equal(tensors[key], self.typer.tensors[key]) for key in tensors):
                 return
         self.typer = StepTyper(self.planning, tensors)  # restored after `setup`: encode again with it
-        stages = [stage for split, stage in (("train", "fit"), ("test", "test")) if split in self.splits]
-        self.splits.clear()
-        self.step_types.clear()
-        for stage in stages:
-            self.setup(stage)
+        if "train" in self.splits:  # resumed fit: encode again with the checkpoint's typer
+            self.splits.pop("train"), self.splits.pop("val")
+            self.step_types.clear()
+            self.setup("fit")
 
     def _encode(self, examples: list[Example], name: str) -> datasets.Dataset:
         """Tokenise; a response running past max_length is truncated. A prompt that alone reaches
@@ -235,6 +236,9 @@ class ReasoningDataModule(LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
+        if split == "test" and "test" not in self.splits:  # kmeans / vae: the checkpoint's typer is restored now
+            self._type_steps({"test": self.test_examples})
+            self.splits["test"] = self._encode(self.test_examples, "test")
         dataset = self.splits[split]
         prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
         by_prompt_length = sorted(range(len(dataset)), key=lambda i: -prompt_lengths[i])

@@ -12,10 +12,12 @@ from conftest import save_tiny
 from test_cli import REPO, run_main, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli import build_cli
 from datamodules.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from datamodules.prompts import PromptSpec
 from datamodules.reasoning import ReasoningDataModule
 from datamodules.scoring import score_completion
+from datamodules.step_types import StepTyper
 from datamodules.tasks import TASKS, load_examples
 from lightning_modules.errors import UserInputError
 from lightning_modules.finetune import CausalLMFineTuner, load_finetuned_model
@@ -229,3 +231,46 @@ def test_memory_reason_config_fits_on_the_fixture(tiny_llama, tmp_path):
     assert tokenizer.convert_tokens_to_ids("<reason_3>") > tokenizer.convert_tokens_to_ids("<memory_0>") >= 512
     assert run_main(["test", *args, "--ckpt_path", "last"]) == 0
     assert json.loads((run / "planning/test_step4.json").read_text())["questions"] == 3
+
+
+MODE_OVERLAYS = sorted((REPO / "configs/planning_modes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", MODE_OVERLAYS, ids=lambda p: p.name)
+def test_every_planning_mode_overlay_stacks_and_instantiates(overlay, tiny_llama, tmp_path):
+    cli = build_cli(["--config", str(REPO / "configs/planning_gsm8k.yaml"), "--config", str(overlay),
+                     "--model.init_args.backbone.name", str(tiny_llama),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)  # fmt: skip
+    expected = {"full": "full", "lora_cot": "lora", "prompt_tuning": "prompt-tuning"}.get(overlay.stem)
+    assert cli.model.mode == (expected or "lora+prompt-tuning")
+    assert cli.datamodule.planning is cli.model.planning  # linked from the model
+    assert cli.trainer.logger.name != "planning_gsm8k"  # each variant logs under its own name
+    if overlay.stem in ("kmeans", "vae"):
+        assert cli.model.planning.method == overlay.stem and cli.model.planning.embedding_model == str(tiny_llama)
+
+
+def test_aqua_config_with_vae_types_fits_and_tests_from_its_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("REASONING_LAB_CACHE", str(tmp_path / "cache"))
+    args = [
+        "--config", str(REPO / "configs/planning_aqua.yaml"), "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
+        "--config", str(REPO / "configs/planning_modes/vae.yaml"),
+        "--model.init_args.backbone.name", str(tiny_llama), "--data.train_path", str(REPO / "data/aqua/test.jsonl"),
+        "--data.train_limit", "8", "--data.val_size", "2", "--data.test_limit", "2", "--data.max_length", "2048",
+        "--model.init_args.planning.num_types", "3", "--model.init_args.planning.vae_epochs", "2",
+        "--model.init_args.generation.max_new_tokens", "8", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    assert run_main(["fit", *args]) == 0
+    run = tmp_path / "planning_vae/version_0"
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["ReasoningDataModule"]["planning_typer"]  # the fitted VAE is saved with the run
+    assert checkpoint["planning_tokens"]["2"] == ["<2_0>", "<2_1>"]
+    monkeypatch.setenv("REASONING_LAB_CACHE", str(tmp_path / "empty-cache"))  # test reuses the checkpoint's VAE...
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the step VAE was fitted again")
+
+    monkeypatch.setattr(StepTyper, "fit", refit)  # ...and fits nothing
+    assert run_main(["test", *args, "--ckpt_path", "last"]) == 0
+    report = json.loads((run / "planning/test_step2.json").read_text())
+    assert report["questions"] == 2 and sum(report["per_question"][str(k)]["gold"] for k in range(3)) > 0

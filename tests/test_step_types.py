@@ -95,6 +95,7 @@ def test_annotation_is_cached_and_the_typer_travels_in_the_checkpoint(tiny_llama
     restored = datamodule(tiny_llama, "kmeans", cache=False)
     restored.load_state_dict(state)  # before setup, as `test --ckpt_path` restores it after setup
     restored.setup("test")
+    restored.test_dataloader()  # learned types encode the test split once the checkpoint is restored
     assert len(restored.splits["test"]) == 2 and all(restored.step_types[i] for i in restored.splits["test"]["id"])
 
 
