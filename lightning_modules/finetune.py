@@ -15,7 +15,7 @@ from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from datamodules.planning import PlanningSpec
 from datamodules.scoring import score_completion
@@ -284,7 +284,7 @@ def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> 
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             base = load_model(backbone)
-            vocabulary = len(load_tokenizer(replace(backbone, name=str(path))))
+            vocabulary = len(AutoTokenizer.from_pretrained(path))  # an adapter folder holds the run's tokenizer
             if base.get_input_embeddings().weight.shape[0] < vocabulary:  # planning tokens were added
                 base.resize_token_embeddings(vocabulary, mean_resizing=False)
             return PeftModel.from_pretrained(base, path).merge_and_unload()

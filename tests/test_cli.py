@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cli import build_cli, main
 from datamodules.planning import PlanningSpec
 from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import CausalLMFineTuner, LoraSpec
+from lightning_modules.finetune import CausalLMFineTuner, LoraSpec, load_finetuned_model
 from lightning_modules.generation import GenerationSpec, generate
 from lightning_modules.loading import ModelSpec
 
@@ -123,7 +123,7 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(run / "epoch_1").eval()
     assert not list(run.glob("epoch_1/*.bin")) and (run / "epoch_1/model.safetensors").is_file()
     module = build_module_from(tiny_llama, run / "checkpoints/last.ckpt")
-    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    ids = torch.tensor([[5, 17, 42, 99, 3, 512, 513, 514, 520]])  # ending in planning tokens
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
     # ...and generate the same text from a prompt ending in the planning prefix tokens (tokenizer from the export).
@@ -156,9 +156,11 @@ def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
     base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(export)))  # the planning tokens' rows
     model = PeftModel.from_pretrained(base, export).eval()
     module = build_module_from(tiny_llama, run_dir(tmp_path) / "checkpoints/last.ckpt")
-    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    merged = load_finetuned_model(ModelSpec(name=str(tiny_llama)), str(export)).eval()  # resizes the base itself
+    ids = torch.tensor([[5, 17, 42, 99, 3, 512, 513, 514, 520]])  # ending in planning tokens
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
