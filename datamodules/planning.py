@@ -56,18 +56,18 @@ class PlanningSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             known = ", ".join(METHODS)
-            raise UserInputError(f"planning.method: unknown selection method '{self.method}'; known: {known}")
+            raise UserInputError(f"model.planning.method: unknown selection method '{self.method}'; known: {known}")
         if self.operators not in ("basic", "extended"):
-            raise UserInputError(f"planning.operators must be basic or extended, got '{self.operators}'")
+            raise UserInputError(f"model.planning.operators must be basic or extended, got '{self.operators}'")
         if self.n_prefix < 0 or self.n_special < 0:
-            raise UserInputError("planning.n_prefix and planning.n_special must be >= 0")
+            raise UserInputError("model.planning.n_prefix and n_special must be >= 0")
         if self.active and self.n_prefix == 0 and self.n_special == 0:
             raise UserInputError(
-                f"planning.method={self.method} with n_prefix = n_special = 0 adds no tokens: "
+                f"model.planning.method={self.method} with n_prefix = n_special = 0 adds no tokens: "
                 "set planning.n_prefix or planning.n_special (or method: none)"
             )
         if self.method in CLUSTER_METHODS and self.num_types < 2:
-            raise UserInputError(f"planning.num_types must be >= 2 for {self.method}, got {self.num_types}")
+            raise UserInputError(f"model.planning.num_types must be >= 2 for {self.method}, got {self.num_types}")
 
     @property
     def active(self) -> bool:

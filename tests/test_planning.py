@@ -274,3 +274,10 @@ def test_aqua_config_with_vae_types_fits_and_tests_from_its_checkpoint(tiny_llam
     assert run_main(["test", *args, "--ckpt_path", "last"]) == 0
     report = json.loads((run / "planning/test_step2.json").read_text())
     assert report["questions"] == 2 and sum(report["per_question"][str(k)]["gold"] for k in range(3)) > 0
+
+
+def test_unknown_selection_method_on_the_command_line_is_one_line(tiny_llama, tmp_path, capsys):
+    code = run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--model.init_args.planning.method", "clusters")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.planning.method: unknown selection method 'clusters'" in err
+    assert "Traceback" not in err
