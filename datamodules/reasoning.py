@@ -154,7 +154,7 @@ class ReasoningDataModule(LightningDataModule):
                 return
         self.typer = StepTyper(self.planning, tensors)  # restored after `setup`: encode again with it
         if "train" in self.splits:  # resumed fit: encode again with the checkpoint's typer
-            self.splits.pop("train"), self.splits.pop("val")
+            del self.splits["train"], self.splits["val"]
             self.step_types.clear()
             self.setup("fit")
 
