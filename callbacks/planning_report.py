@@ -59,6 +59,7 @@ class PlanningReport(L.Callback):
             dist.all_gather_object(every_rank, rows)
             rows = list({row["id"]: row for rank_rows in every_rank for row in rank_rows}.values())
         gold_by_id = getattr(trainer.datamodule, "gold_types", {}).get(SPLITS[stage], {})
+        run_dir = run_directory(trainer)  # a collective under DDP: every rank calls it
         if not trainer.is_global_zero or not rows:
             return
         generated, gold = Counter(), Counter()
@@ -72,7 +73,7 @@ class PlanningReport(L.Callback):
                 key: {"generated": generated[key] / len(rows), "gold": gold[key] / len(rows)} for key in keys
             },
         }
-        path = run_directory(trainer) / "planning" / f"{stage}_step{step}.json"
+        path = run_dir / "planning" / f"{stage}_step{step}.json"
         write_json_atomic(path, report)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

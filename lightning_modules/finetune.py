@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics import MeanMetric
 from transformers import AutoTokenizer, PreTrainedModel
 
-from datamodules.planning import PlanningSpec
+from datamodules.planning import CLUSTER_METHODS, PlanningSpec
 from datamodules.scoring import score_completion
 from lightning_modules.errors import TrainingStopped, UserInputError
 from lightning_modules.generation import GenerationSpec, generate
@@ -98,7 +98,7 @@ class CausalLMFineTuner(LightningModule):
         self.generation = generation or GenerationSpec()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.planning = planning or PlanningSpec()
-        if self.planning.embedding_model is None and self.planning.method != "none":
+        if self.planning.embedding_model is None and self.planning.method in CLUSTER_METHODS:
             self.planning = replace(self.planning, embedding_model=self.backbone.name)
         if mode in TOKEN_MODES and not self.planning.active:
             raise UserInputError(f"model.mode={mode} trains planning tokens: set model.planning.method")
