@@ -19,9 +19,11 @@ from lightning import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.export import EpochExport
+from callbacks.planning_report import PlanningReport
 from callbacks.run_summary import RunSummary
 from callbacks.samples import SampleWriter
 from callbacks.slurm import SlurmRequeue
+from datamodules.planning import PlanningSpec
 from datamodules.reasoning import ReasoningDataModule
 from lightning_modules.errors import ReasoningLabError, UserInputError
 
@@ -42,11 +44,18 @@ class ReasoningLabCLI(LightningCLI):
         parser.add_lightning_class_args(EpochExport, "export")
         # The model owns model loading (tokenizer included); the datamodule tokenises with it.
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+        # Planning tokens are added to the tokenizer by the model; the datamodule writes them into the targets.
+        parser.link_arguments("model", "data.planning", compute_fn=planning_of, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path") == "last":
             resolve_last_checkpoint(config)
+
+
+def planning_of(model: LightningModule) -> PlanningSpec | None:
+    """The model's planning-token spec (None for models without one, e.g. the SLOT evaluator)."""
+    return getattr(model, "planning", None)
 
 
 def resolve_last_checkpoint(config: Namespace) -> None:
@@ -100,7 +109,7 @@ def build_cli(
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": RUNS_DIR, "name": "default"},
             },
-            "callbacks": [RunSummary(), SampleWriter(), SlurmRequeue()],
+            "callbacks": [RunSummary(), SampleWriter(), PlanningReport(), SlurmRequeue()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

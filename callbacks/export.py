@@ -40,6 +40,7 @@ class EpochExport(L.Callback):
             export_model(module, state, staging, adapter_only=self.adapter_only)
             info = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": module.mode}
             info["backbone"] = asdict(module.backbone)
+            info["planning"] = {**asdict(module.planning), "tokens": module.planning.key_tokens()}
             datamodule = trainer.datamodule
             if datamodule is not None and hasattr(datamodule, "prompt"):
                 info["prompt"] = asdict(datamodule.prompt)
@@ -56,7 +57,7 @@ def export_model(module: L.LightningModule, state: dict, path: Path, adapter_onl
     else:
         trainable = {name.removeprefix("model.") for name in module.trainable_parameter_names()}
         adapter = {key: value for key, value in weights.items() if key in trainable}
-        peft_model = rebuild_with_adapter(module.backbone, module.lora, adapter, "export")
+        peft_model = rebuild_with_adapter(module.backbone, module.lora, adapter, "export", module.mode, module.planning)
         if adapter_only:
             peft_model.save_pretrained(path, safe_serialization=True)
         else:

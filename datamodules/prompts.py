@@ -48,10 +48,12 @@ class PromptFormatter:
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def encode_prompt(self, question: str) -> list[int]:
-        """Token ids of the prompt (BOS added by the tokenizer in plain style, by the template in chat)."""
+    def encode_prompt(self, question: str, response_start: str = "") -> list[int]:
+        """Token ids of the prompt (BOS added by the tokenizer in plain style, by the template in chat),
+        followed by `response_start` encoded exactly as the start of a response (planning tokens' prefix)."""
         text = self.prompt_text(question)
-        return self.tokenizer(text, add_special_tokens=self.spec.style == "plain").input_ids
+        ids = self.tokenizer(text, add_special_tokens=self.spec.style == "plain").input_ids
+        return ids + self.encode_response(response_start)[:-1] if response_start else ids
 
     def encode_response(self, response: str) -> list[int]:
         """Token ids of a target response, ending with EOS (plain style puts a space after 'Answer:')."""

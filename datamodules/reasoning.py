@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, ResumingDataLoader, collate
+from datamodules.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from datamodules.prompts import PromptFormatter, PromptSpec
 from datamodules.scoring import get_answer_format
+from datamodules.step_types import StepTyper, annotate_steps
 from datamodules.tasks import Example, get_task, load_examples
 from lightning_modules.errors import UserInputError
 
@@ -29,7 +31,8 @@ class ReasoningDataModule(LightningDataModule):
     """Question/solution data of one task, tokenised with the model's tokenizer.
 
     Args:
-        task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records).
+        task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records) |
+            strategyqa ({"question","steps","answer"} records, steps tagged [rag]/[memory]/[reason]).
         train_path: training data, a .json/.jsonl file or a hub id; None = the task's bundled train split.
         test_path: test data (test and predict), likewise; None = the task's bundled test split.
         hub_subset: the hub dataset's configuration name (e.g. "main" for openai/gsm8k).
@@ -45,6 +48,7 @@ class ReasoningDataModule(LightningDataModule):
         seed: seed of every subset and of the shuffling.
         num_workers: DataLoader worker processes.
         tokenizer: the model's tokenizer; `cli.py` links it from the model.
+        planning: the model's planning tokens, written into the targets; `cli.py` links it from the model.
     """
 
     def __init__(
@@ -65,9 +69,10 @@ class ReasoningDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        planning: PlanningSpec | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", "planning"])
         self.task = get_task(task)
         self.answer_format = get_answer_format(answer_format or self.task.answer_format)
         self.prompt = prompt or PromptSpec()
@@ -75,7 +80,15 @@ class ReasoningDataModule(LightningDataModule):
             if getattr(self.hparams, name) < 1:
                 raise UserInputError(f"data.{name} must be >= 1, got {getattr(self.hparams, name)}")
         self.tokenizer = tokenizer
+        self.planning = planning or PlanningSpec()
+        self.source = ""  # the file or hub id of the split being encoded, for error messages
         self.splits: dict[str, datasets.Dataset] = {}
+        self.test_examples: list[Example] = []
+        self.typer: StepTyper | None = None
+        self.step_types: dict[str, list[int]] = {}
+        """kmeans / vae: example id -> the type of each of its steps."""
+        self.gold_types: dict[str, dict[str, dict[str, int]]] = {}
+        """split -> example id -> planning key -> count in the planned gold solution (the token report)."""
 
     @property
     def formatter(self) -> PromptFormatter:
@@ -86,31 +99,81 @@ class ReasoningDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage in ("fit", "validate") and "train" not in self.splits:
-            examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
-            if len(examples) <= hp.val_size:
-                raise UserInputError(f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}")
-            order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
-            val, train = order[: hp.val_size], order[hp.val_size :]
-            train = train[: hp.train_limit] if hp.train_limit else train
-            self.splits["train"] = self._encode([examples[i] for i in train], "train")
-            self.splits["val"] = self._encode([examples[i] for i in val], "validation")
+            train, val = self._train_and_val()
+            self._type_steps({"train": train, "validation": val}, train)
+            self.splits["train"] = self._encode(train, "train")
+            self.splits["val"] = self._encode(val, "validation")
         if stage in ("test", "predict") and "test" not in self.splits:
             examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
             if hp.test_limit and hp.test_limit < len(examples):
                 examples = [
                     examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
                 ]
-            self.splits["test"] = self._encode(examples, "test")
+            self.source = hp.test_path or str(self.task.bundled.get("test"))
+            self.test_examples = examples
+            if self.planning.method not in CLUSTER_METHODS:  # learned types: encoded once a checkpoint is restored
+                self.splits["test"] = self._encode(examples, "test")
+
+    def _train_and_val(self) -> tuple[list[Example], list[Example]]:
+        """The training examples (after `train_limit`) and the held-out validation questions (seeded)."""
+        hp = self.hparams
+        examples = load_examples(self.task, hp.train_path, "train", hp.hub_subset)
+        self.source = hp.train_path or str(self.task.bundled.get("train"))
+        if len(examples) <= hp.val_size:
+            raise UserInputError(f"data: {len(examples)} training examples cannot hold out val_size={hp.val_size}")
+        order = random.Random(hp.seed).sample(range(len(examples)), len(examples))
+        val, train = order[: hp.val_size], order[hp.val_size :]
+        train = train[: hp.train_limit] if hp.train_limit else train
+        return [examples[i] for i in train], [examples[i] for i in val]
+
+    def _type_steps(self, splits: dict[str, list[Example]], train: list[Example] | None = None) -> None:
+        """kmeans / vae: type every step of `splits` with the typer fitted on the training examples (fitted
+        here, found in the cache, or restored from a checkpoint by `load_state_dict`)."""
+        if self.planning.method not in CLUSTER_METHODS:
+            return
+        if self.typer is None and train is None:
+            train = self._train_and_val()[0]
+        task = self.task.name
+        fit_on = [] if self.typer else [(e.question, split_steps(e.response, task)) for e in train or []]
+        items = {
+            name: [(e.id, e.question, split_steps(e.response, task)) for e in split] for name, split in splits.items()
+        }
+        try:
+            self.typer, types = annotate_steps(self.planning, fit_on, items, self.hparams.seed, self.typer)
+        except ValueError as error:
+            raise UserInputError(f"model.planning ({self.planning.method}): {error}") from None
+        for split_types in types.values():
+            self.step_types.update(split_types)
+
+    def state_dict(self) -> dict:
+        """The fitted step typer (kmeans / vae), saved in checkpoints so evaluation reuses it."""
+        return {"planning_typer": self.typer.tensors} if self.typer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = state.get("planning_typer")
+        if tensors is None or self.planning.method not in CLUSTER_METHODS:
+            return
+        if self.typer is not None and tensors.keys() == self.typer.tensors.keys():
+            if all(torch.equal(tensors[key], self.typer.tensors[key]) for key in tensors):
+                return
+        self.typer = StepTyper(self.planning, tensors)  # restored after `setup`: encode again with it
+        if "train" in self.splits:  # resumed fit: encode again with the checkpoint's typer
+            del self.splits["train"], self.splits["val"]
+            self.step_types.clear()
+            self.setup("fit")
 
     def _encode(self, examples: list[Example], name: str) -> datasets.Dataset:
         """Tokenise; a response running past max_length is truncated. A prompt that alone reaches
         max_length drops a training/validation example (with a warning) but is an error at test time,
         where dropping questions would silently change the accuracy's denominator."""
-        formatter, max_length = self.formatter, self.hparams.max_length
+        formatter, max_length, planning = self.formatter, self.hparams.max_length, self.planning
         rows, truncated, dropped = [], 0, 0
+        self.gold_types[name] = {}
         for example in examples:
-            input_ids, labels = formatter.encode_example(example.question, example.response)
-            prompt_ids = formatter.encode_prompt(example.question)
+            response = self.planned_response(example) if planning.active else example.response
+            self.gold_types[name][example.id] = dict(planning.count_types(response))
+            input_ids, labels = formatter.encode_example(example.question, response)
+            prompt_ids = formatter.encode_prompt(example.question, planning.eval_prefix())
             if len(prompt_ids) >= max_length:
                 if name == "test":
                     raise UserInputError(
@@ -142,6 +205,20 @@ class ReasoningDataModule(LightningDataModule):
         if not rows:
             raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")
         return datasets.Dataset.from_list(rows)
+
+    def planned_response(self, example: Example) -> str:
+        """The gold solution with its planning tokens: steps typed by the planning method, then the answer line."""
+        where = f"data: {self.source} example '{example.id}'"
+        if self.planning.method == "memory-reason":
+            steps, types = tagged_steps(example.response, where)
+        elif self.planning.method == "arithmetic":
+            steps = split_steps(example.response, self.task.name)
+            types = [arithmetic_types(step, self.planning.operators) for step in steps]
+        else:  # kmeans / vae: typed in `_type_steps`
+            steps = split_steps(example.response, self.task.name)
+            types = [[str(label)] for label in self.step_types[example.id]]
+        answer = example.answer or self.answer_format.extract(example.response) or ""
+        return self.planning.render(steps, types, answer)
 
     def train_dataloader(self) -> DataLoader:
         dataset, hp = self.splits["train"], self.hparams
@@ -177,6 +254,9 @@ class ReasoningDataModule(LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
+        if split == "test" and "test" not in self.splits:  # kmeans / vae: the checkpoint's typer is restored now
+            self._type_steps({"test": self.test_examples})
+            self.splits["test"] = self._encode(self.test_examples, "test")
         dataset = self.splits[split]
         prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
         by_prompt_length = sorted(range(len(dataset)), key=lambda i: -prompt_lengths[i])

@@ -54,6 +54,12 @@ def _aqua(record: dict, row_id: str) -> Example:
     return Example(row_id, question, response, record["correct"])
 
 
+def _tagged(record: dict, row_id: str) -> Example:
+    steps = record["steps"]
+    response = "\n".join(steps) if isinstance(steps, list) else str(steps)
+    return Example(str(record.get("id", row_id)), record["question"], response, str(record["answer"]))
+
+
 def _instruction(record: dict, row_id: str) -> Example:
     question = "\n\n".join(part for part in (record.get("instruction"), record.get("input")) if part)
     return Example(str(record.get("id", row_id)), question, record["output"], str(record.get("answer", "")))
@@ -72,6 +78,14 @@ TASKS = {
         "aqua", "aqua", {"test": DATA_DIR / "aqua/test.jsonl"}, ("question", "options", "rationale", "correct"), _aqua
     ),
     "instruction": Task("instruction", "gsm8k", {}, ("output",), _instruction),
+    # Memory/reason data (Jin et al.): steps tagged "[rag]: ..." / "[memory]: ..." / "[reason]: ...", True/False.
+    "strategyqa": Task(
+        "strategyqa",
+        "boolean",
+        {"train": DATA_DIR / "strategyqa_tagged/train.jsonl", "test": DATA_DIR / "strategyqa_tagged/test.jsonl"},
+        ("question", "steps", "answer"),
+        _tagged,
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""Causal-LM fine-tuning (full, LoRA, QLoRA): step logic and metrics only.
+"""Causal-LM fine-tuning (full, LoRA, QLoRA, prompt-tuning of planning tokens): step logic and metrics only.
 
 The HF model is built in `configure_model` (so Lightning restores partial checkpoints into it);
 checkpoints hold only the trainable weights; side effects (exports, sample tables) live in callbacks.
@@ -15,17 +15,27 @@ from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
+from datamodules.planning import CLUSTER_METHODS, PlanningSpec
 from datamodules.scoring import score_completion
 from lightning_modules.errors import TrainingStopped, UserInputError
 from lightning_modules.generation import GenerationSpec, generate
 from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
+from lightning_modules.vocabulary import (
+    add_tokens,
+    prompt_tuning_config,
+    resize_and_initialise,
+    trainable_token_targets,
+)
+
+Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
+TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
 
 
 @dataclass
 class LoraSpec:
-    """LoRA adapter settings (modes lora and qlora)."""
+    """LoRA adapter settings (modes lora, qlora and their +prompt-tuning variants)."""
 
     r: int = 16
     """Rank of the update matrices."""
@@ -36,13 +46,14 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     """Module names to adapt: the MLP by default; add q_proj, k_proj, v_proj, o_proj for attention."""
 
-    def to_config(self) -> LoraConfig:
+    def to_config(self, trainable_token_indices: dict[str, list[int]] | None = None) -> LoraConfig:
         return LoraConfig(
             task_type="CAUSAL_LM",
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
+            trainable_token_indices=trainable_token_indices,
         )
 
 
@@ -51,8 +62,12 @@ class CausalLMFineTuner(LightningModule):
 
     Args:
         backbone: the model to fine-tune (alias, folder, GGUF file or hub id) and how to load it.
-        mode: full (every weight), lora (adapters on a frozen model), qlora (adapters on a 4/8-bit model).
-        lora: adapter settings for lora / qlora.
+        mode: full (every weight), lora (adapters on a frozen model), qlora (adapters on a 4/8-bit model),
+            prompt-tuning (only the planning tokens' embedding and lm_head rows), lora+prompt-tuning (both),
+            qlora+prompt-tuning (both, on a 4/8-bit model).
+        lora: adapter settings of the lora / qlora modes.
+        planning: planning tokens (step-type selection, n_prefix, n_special); added to the tokenizer here,
+            the datamodule writes them into the targets (linked by `cli.py`).
         generation: decoding used for validation / test accuracy and predictions.
         optimizer: optimizer callable over the trainable parameters (default AdamW, lr 2e-4).
         scheduler: learning-rate scheduler callable, stepped every optimizer step.
@@ -61,8 +76,9 @@ class CausalLMFineTuner(LightningModule):
     def __init__(
         self,
         backbone: ModelSpec | None = None,
-        mode: Literal["full", "lora", "qlora"] = "lora",
+        mode: Mode = "lora",
         lora: LoraSpec | None = None,
+        planning: PlanningSpec | None = None,
         generation: GenerationSpec | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
@@ -71,15 +87,25 @@ class CausalLMFineTuner(LightningModule):
         # generation is an evaluation knob: kept out of the hparams that `--ckpt_path` re-applies over the config
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation"])
         backbone = backbone or ModelSpec()
-        if mode == "qlora" and backbone.quantization is None:
+        if mode.startswith("qlora") and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
-        if mode != "qlora" and backbone.quantization is not None:
-            raise UserInputError(f"model.backbone.quantization={backbone.quantization} needs mode: qlora")
+        if not mode.startswith("qlora") and backbone.quantization is not None:
+            raise UserInputError(
+                f"model.backbone.quantization={backbone.quantization} needs mode: qlora or qlora+prompt-tuning"
+            )
         self.backbone, self.mode = backbone, mode
         self.lora = lora or LoraSpec()
         self.generation = generation or GenerationSpec()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.planning = planning or PlanningSpec()
+        if self.planning.embedding_model is None and self.planning.method in CLUSTER_METHODS:
+            self.planning = replace(self.planning, embedding_model=self.backbone.name)
+        if mode in TOKEN_MODES and not self.planning.active:
+            raise UserInputError(f"model.mode={mode} trains planning tokens: set model.planning.method")
+        if mode in ("lora", "qlora") and self.planning.active:
+            raise UserInputError(f"model.mode={mode} leaves the planning tokens untrained: use {mode}+prompt-tuning")
         self.tokenizer = load_tokenizer(self.backbone)
+        self.new_tokens = set(add_tokens(self.tokenizer, self.planning.tokens()))  # rows initialised in configure_model
         self.model = None
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
@@ -89,9 +115,9 @@ class CausalLMFineTuner(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_model(self.backbone)
-        if self.mode in ("lora", "qlora"):
-            model = get_peft_model(model, self.lora.to_config())
+        model = build_trainable_model(
+            load_model(self.backbone), self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens
+        )
         self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
 
     def configure_optimizers(self):
@@ -147,7 +173,8 @@ class CausalLMFineTuner(LightningModule):
         completions = generate(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation)
         rows = []
         for index, completion in enumerate(completions):
-            prediction, correct = score_completion(batch["answer_format"], completion, batch["answer"][index])
+            scored = self.planning.remove_tokens(completion)
+            prediction, correct = score_completion(batch["answer_format"], scored, batch["answer"][index])
             rows.append(
                 {
                     "id": batch["id"][index],
@@ -164,6 +191,7 @@ class CausalLMFineTuner(LightningModule):
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["planning_tokens"] = self.planning.key_tokens()
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}  # dropout continues exactly on resume
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -173,6 +201,13 @@ class CausalLMFineTuner(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_global_step = checkpoint.get("global_step", 0)  # names the outputs of `test`
+        saved_tokens, tokens = checkpoint.get("planning_tokens", {}), self.planning.key_tokens()
+        if saved_tokens != tokens:
+            differ = sorted(set(map(str, saved_tokens.items())) ^ set(map(str, tokens.items())))
+            raise UserInputError(
+                f"the checkpoint's planning tokens differ from model.planning's: keys {sorted(saved_tokens)} "
+                f"vs {sorted(tokens)} (first difference: {differ[0]})"
+            )
         rng_states = checkpoint.get("rng_states", {})
         if "torch" in rng_states:
             torch.set_rng_state(rng_states["torch"])
@@ -189,13 +224,40 @@ class CausalLMFineTuner(LightningModule):
             )
 
 
-def rebuild_with_adapter(backbone: ModelSpec, lora: LoraSpec, adapter: dict, source: str) -> PeftModel:
-    """The unquantised `backbone` on the CPU, wrapped with `lora` and holding the trained `adapter` weights
-    (keys as in the PEFT model). One path for exports and evaluation, LoRA and QLoRA (merging into 4-bit
-    weights would lose precision) and FSDP-gathered weights; what does not fit is named in one line."""
-    peft_model = get_peft_model(
-        load_model(replace(backbone, quantization=None, gradient_checkpointing=False)), lora.to_config()
-    )
+def build_trainable_model(
+    model: PreTrainedModel, tokenizer, mode: str, lora: LoraSpec, planning: PlanningSpec, new_tokens: set[str]
+) -> PreTrainedModel | PeftModel:
+    """`model` with room for the planning tokens (rows of `new_tokens` initialised from their key words) and
+    wrapped for `mode`: LoRA adapters and/or PEFT trainable tokens (only the planning rows train)."""
+    key_tokens, words = planning.key_tokens(), {key: planning.init_word(key) for key in planning.key_tokens()}
+    ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens)
+    if mode in ("lora", "qlora"):
+        return get_peft_model(model, lora.to_config())
+    if mode in ("lora+prompt-tuning", "qlora+prompt-tuning"):
+        return get_peft_model(model, lora.to_config(trainable_token_targets(model, ids)))
+    if mode == "prompt-tuning":
+        return get_peft_model(model, prompt_tuning_config(model, ids))
+    return model
+
+
+def rebuild_with_adapter(
+    backbone: ModelSpec,
+    lora: LoraSpec,
+    adapter: dict,
+    source: str,
+    mode: str = "lora",
+    planning: PlanningSpec | None = None,
+) -> PeftModel:
+    """The unquantised `backbone` on the CPU, wrapped for `mode` (LoRA and/or planning-token rows) and holding
+    the trained `adapter` weights (keys as in the PEFT model). One path for exports and evaluation, LoRA and
+    QLoRA (merging into 4-bit weights would lose precision) and FSDP-gathered weights; what does not fit is
+    named in one line."""
+    planning = planning or PlanningSpec()
+    mode = mode.replace("qlora", "lora")
+    tokenizer = load_tokenizer(backbone)
+    new_tokens = set(add_tokens(tokenizer, planning.tokens()))
+    base = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
+    peft_model = build_trainable_model(base, tokenizer, mode, lora, planning, new_tokens)
     try:
         result = peft_model.load_state_dict(adapter, strict=False)
     except RuntimeError as error:  # shapes differ
@@ -206,7 +268,7 @@ def rebuild_with_adapter(backbone: ModelSpec, lora: LoraSpec, adapter: dict, sou
     if result.unexpected_keys or missing:
         example = sorted(result.unexpected_keys or missing)[0]
         raise UserInputError(
-            f"{source} does not match model {backbone.name} with its LoRA settings: "
+            f"{source} does not match model {backbone.name} with its {mode} settings: "
             f"{len(result.unexpected_keys)} unexpected and {len(missing)} missing adapter weights, e.g. '{example}'"
         )
     return peft_model
@@ -214,23 +276,33 @@ def rebuild_with_adapter(backbone: ModelSpec, lora: LoraSpec, adapter: dict, sou
 
 def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> PreTrainedModel:
     """The model to evaluate: `backbone` itself; an `epoch_N/` export (full folder, or adapter folder on
-    top of `backbone`); or a Lightning checkpoint of CausalLMFineTuner on `backbone` (adapters merged)."""
+    top of `backbone`, resized to the export's tokenizer); or a Lightning checkpoint of CausalLMFineTuner on
+    `backbone` (adapters and planning-token rows merged; use the run's export for the matching tokenizer)."""
     if checkpoint is None:
         return load_model(backbone)
     path = Path(checkpoint)
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
-            return PeftModel.from_pretrained(load_model(backbone), path).merge_and_unload()
+            base = load_model(backbone)
+            vocabulary = len(AutoTokenizer.from_pretrained(path))  # an adapter folder holds the run's tokenizer
+            if base.get_input_embeddings().weight.shape[0] < vocabulary:  # planning tokens were added
+                base.resize_token_embeddings(vocabulary, mean_resizing=False)
+            return PeftModel.from_pretrained(base, path).merge_and_unload()
         return load_model(replace(backbone, name=str(path)))
     if not path.is_file():
         raise UserInputError(f"checkpoint '{path}' does not exist")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     hparams = saved.get("hyper_parameters", {})
     weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
+    planning = PlanningSpec(**hparams.get("planning") or {})
     if hparams.get("mode") != "full":
         lora = LoraSpec(**hparams.get("lora", {}))
-        return rebuild_with_adapter(backbone, lora, weights, f"checkpoint '{path}'").merge_and_unload()
+        peft_model = rebuild_with_adapter(backbone, lora, weights, f"checkpoint '{path}'", hparams["mode"], planning)
+        return peft_model.merge_and_unload()
     model = load_model(backbone)
+    tokenizer = load_tokenizer(backbone)
+    new_tokens = set(add_tokens(tokenizer, planning.tokens()))
+    build_trainable_model(model, tokenizer, "full", LoraSpec(), planning, new_tokens)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:

@@ -80,7 +80,7 @@ def build_tiny_model(kind: str, vocab_size: int, **overrides):
 
 def save_tiny(folder: Path, kind: str, **overrides) -> Path:
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(kind, len(tokenizer), **overrides)
+    model = build_tiny_model(kind, overrides.pop("vocab_size", len(tokenizer)), **overrides)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli, main
+from datamodules.planning import PlanningSpec
 from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import CausalLMFineTuner, LoraSpec
+from lightning_modules.finetune import CausalLMFineTuner, LoraSpec, load_finetuned_model
+from lightning_modules.generation import GenerationSpec, generate
 from lightning_modules.loading import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml"))
+PLANNING = PlanningSpec(method="arithmetic", n_prefix=3, n_special=2)  # configs/planning_gsm8k.yaml's
 PRESETS = sorted((REPO / "configs/presets").glob("*.yaml"))
 
 
@@ -71,7 +74,7 @@ def test_every_preset_stacks_and_instantiates(preset, tiny_llama, tmp_path):
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
                  "--trainer.strategy", "auto"]  # fmt: skip
     cli = build_cli(args, run=False)
-    assert cli.model.mode in ("lora", "qlora")
+    assert cli.model.mode in ("lora+prompt-tuning", "qlora+prompt-tuning")
 
 
 def test_print_config_works_for_the_main_config(capsys):
@@ -106,7 +109,7 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     assert not run_dir(resumed, 1).exists()
     expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
     actual = trainable_state(run_dir(resumed) / "checkpoints/last.ckpt")
-    assert expected.keys() == actual.keys() and all("lora_" in key for key in expected)
+    assert expected.keys() == actual.keys() and all("lora_" in k or "trainable_tokens" in k for k in expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
 
@@ -120,9 +123,15 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(run / "epoch_1").eval()
     assert not list(run.glob("epoch_1/*.bin")) and (run / "epoch_1/model.safetensors").is_file()
     module = build_module_from(tiny_llama, run / "checkpoints/last.ckpt")
-    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    ids = torch.tensor([[5, 17, 42, 99, 3, 512, 513, 514, 520]])  # ending in planning tokens
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
+    # ...and generate the same text from a prompt ending in the planning prefix tokens (tokenizer from the export).
+    tokenizer = AutoTokenizer.from_pretrained(run / "epoch_1")
+    prompt = tokenizer("Question: 2+3?\nAnswer: <prefix_0><prefix_1><prefix_2>", return_tensors="pt")
+    spec = GenerationSpec(max_new_tokens=12)
+    texts = [generate(m, tokenizer, prompt.input_ids, prompt.attention_mask, spec) for m in (exported, module.model)]
+    assert texts[0] == texts[1]
 
     # test on the checkpoint writes per-question samples named after the checkpoint's step.
     assert run_main(["test", *tiny_args(tiny_llama, resumed, "--ckpt_path", "last", "--data.test_limit", "4")]) == 0
@@ -131,7 +140,9 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
 
 
 def build_module_from(model_folder: Path, checkpoint: Path) -> CausalLMFineTuner:
-    module = CausalLMFineTuner(backbone=ModelSpec(name=str(model_folder)), mode="lora")
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    planning = PlanningSpec(**hparams["planning"])
+    module = CausalLMFineTuner(backbone=ModelSpec(name=str(model_folder)), mode=hparams["mode"], planning=planning)
     module.configure_model()
     module.load_state_dict(trainable_state(checkpoint), strict=False)
     return module.eval()
@@ -141,11 +152,15 @@ def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
     assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--export.adapter_only", "true")]) == 0
     export = run_dir(tmp_path) / "epoch_0"
     assert (export / "adapter_model.safetensors").is_file() and (export / "tokenizer.json").is_file()
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), export).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(export)))  # the planning tokens' rows
+    model = PeftModel.from_pretrained(base, export).eval()
     module = build_module_from(tiny_llama, run_dir(tmp_path) / "checkpoints/last.ckpt")
-    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    merged = load_finetuned_model(ModelSpec(name=str(tiny_llama)), str(export)).eval()  # resizes the base itself
+    ids = torch.tensor([[5, 17, 42, 99, 3, 512, 513, 514, 520]])  # ending in planning tokens
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
@@ -163,11 +178,16 @@ def test_checkpoint_that_does_not_fit_the_model_is_rejected(tiny_llama, tmp_path
     its hparams); a checkpoint loaded into a module of another mode or model still fails clearly."""
     assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--data.train_limit", "8")]) == 0
     checkpoint = torch.load(run_dir(tmp_path) / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    full = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="full")
+    full = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="full", planning=PLANNING)
     full.configure_model()
     with pytest.raises(UserInputError, match="does not match this model"):
         full.on_load_checkpoint(checkpoint)
-    other_rank = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), lora=LoraSpec(target_modules=["q_proj"]))
+    other_rank = CausalLMFineTuner(
+        backbone=ModelSpec(name=str(tiny_llama)),
+        mode="lora+prompt-tuning",
+        lora=LoraSpec(target_modules=["q_proj"]),
+        planning=PLANNING,
+    )
     other_rank.configure_model()
     with pytest.raises(UserInputError, match="does not match this model"):
         other_rank.on_load_checkpoint(checkpoint)

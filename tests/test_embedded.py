@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_main_job_on_the_embedded_model(tmp_path):
-    """The README's main job, shortened to a few steps: fit, validate, checkpoint and export."""
+    """The README's main job (LoRA + planning tokens), shortened to a few steps: fit, validate, checkpoint, export."""
     command = [
         sys.executable, str(REPO / "cli.py"), "fit",
         "--config", str(REPO / "configs/planning_gsm8k.yaml"),
@@ -35,13 +35,18 @@ def test_readme_main_job_on_the_embedded_model(tmp_path):
     export = run / "epoch_0"
     info = json.loads((export / "training_info.json").read_text())
     assert info["global_step"] == 2 and info["prompt"]["style"] == "chat"
+    assert info["mode"] == "lora+prompt-tuning" and info["planning"]["tokens"]["prefix"][0] == "<prefix_0>"
+    report = json.loads((run / "planning/val_step2.json").read_text())
+    assert report["per_question"]["prefix"]["gold"] > 1 and "assignment" in report["per_question"]
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert tokenizer.chat_template and model.config.model_type == "llama"
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=False
     )
-    prompt = tokenizer(text, add_special_tokens=False).input_ids
+    prompt = tokenizer(text + "<prefix_0><prefix_1><prefix_2>", add_special_tokens=False).input_ids
+    assert prompt[-3:] == tokenizer.convert_tokens_to_ids(["<prefix_0>", "<prefix_1>", "<prefix_2>"])
+    assert prompt[-1] < model.get_input_embeddings().weight.shape[0]  # the added rows are in the export
     with torch.no_grad():
         output = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
     assert tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()

@@ -1,0 +1,187 @@
+"""Planning tokens (Wang et al. 2024) and memory/reason tokens (Jin et al. 2024), in one place.
+
+`PlanningSpec` decides the planning vocabulary from the spec alone (no data needed): keys `prefix`,
+`answer`, `assignment` plus the operator keys, cluster labels or `memory`/`reason`; key k owns tokens
+`<k_0> ... <k_{m-1}>` (m = n_prefix for `prefix`, n_special otherwise). This module also splits gold
+solutions into steps, types the steps (arithmetic operators or memory/reason tags; k-means / VAE
+labels come from `datamodules.step_types`) and writes the planned target text:
+
+    "<prefix_0>..<prefix_{n-1}><type_0>..<type_{m-1}> step.\n" per step, then
+    "<prefix_0>..<answer_0>.. The answer is: ANS\n".
+
+At test time the general prefix tokens are appended to the prompt, so the model generates the types.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from lightning_modules.errors import UserInputError
+
+METHODS = ("none", "arithmetic", "kmeans", "vae", "vae-next-step", "vae-contrastive", "memory-reason")
+CLUSTER_METHODS = ("kmeans", "vae", "vae-next-step", "vae-contrastive")
+BASIC_OPERATORS = ("+", "-", "*", "/")
+EXTENDED_OPERATORS = (*BASIC_OPERATORS, "^", "!", "sqrt", "frac", "cos", "sin", "tan", "log", "ln", "times")
+TAGS = {"rag": "memory", "memory": "memory", "reason": "reason"}
+"""Step tags of memory/reason data ("[rag]: ...", "[memory]: ...", "[reason]: ...") -> their key."""
+ANSWER_LINE = " The answer is: {answer}"
+_CALCULATOR_RE = re.compile(r"<<([^<>]*)>>")
+_TAG_RE = re.compile(r"^\s*\[([A-Za-z_]+)\]\s*:?\s*")
+
+
+@dataclass
+class PlanningSpec:
+    """Which planning tokens to add and how solution steps get their types."""
+
+    method: str = "none"
+    """Step-type selection: none (plain CoT), arithmetic, kmeans, vae, vae-next-step, vae-contrastive,
+    memory-reason (steps tagged "[rag]: / [memory]: / [reason]: ...")."""
+    n_prefix: int = 6
+    """General prefix tokens before every step (num_general_prefix_tokens)."""
+    n_special: int = 0
+    """Type tokens per step type (num_special_prefix_tokens); 0 = only the general prefix tokens."""
+    operators: str = "basic"
+    """arithmetic only: basic (+ - * /, GSM8K) or extended (also ^ ! sqrt frac cos sin tan log ln times)."""
+    num_types: int = 5
+    """kmeans / vae: the number of step types (clusters)."""
+    embedding_model: str | None = None
+    """kmeans / vae: the causal LM that embeds steps (a model name as in backbone.name); None = the backbone."""
+    vae_epochs: int = 10
+    """vae: training epochs of the step VAE (Adam, lr 1e-4)."""
+    cache: bool = True
+    """kmeans / vae: cache step annotations (keyed by data, method and model) so a second run reuses them."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            known = ", ".join(METHODS)
+            raise UserInputError(f"model.planning.method: unknown selection method '{self.method}'; known: {known}")
+        if self.operators not in ("basic", "extended"):
+            raise UserInputError(f"model.planning.operators must be basic or extended, got '{self.operators}'")
+        if self.n_prefix < 0 or self.n_special < 0:
+            raise UserInputError("model.planning.n_prefix and n_special must be >= 0")
+        if self.active and self.n_prefix == 0 and self.n_special == 0:
+            raise UserInputError(
+                f"model.planning.method={self.method} with n_prefix = n_special = 0 adds no tokens: "
+                "set planning.n_prefix or planning.n_special (or method: none)"
+            )
+        if self.method in CLUSTER_METHODS and self.num_types < 2:
+            raise UserInputError(f"model.planning.num_types must be >= 2 for {self.method}, got {self.num_types}")
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none"
+
+    def type_keys(self) -> list[str]:
+        """The step-type keys (beside prefix / answer) this spec can assign."""
+        if self.method == "arithmetic":
+            return ["assignment", *(BASIC_OPERATORS if self.operators == "basic" else EXTENDED_OPERATORS)]
+        if self.method in CLUSTER_METHODS:
+            return [str(label) for label in range(self.num_types)]
+        if self.method == "memory-reason":
+            return ["assignment", "memory", "reason"]
+        return []
+
+    def key_tokens(self) -> dict[str, list[str]]:
+        """Ordered key -> token strings; empty for method none."""
+        if not self.active:
+            return {}
+        keys = {"prefix": self.n_prefix, "answer": self.n_special}
+        keys.update({key: self.n_special for key in self.type_keys()})
+        return {key: [f"<{key}_{i}>" for i in range(count)] for key, count in keys.items() if count}
+
+    def tokens(self) -> list[str]:
+        """Every added token, in the order they get their ids."""
+        return [token for tokens in self.key_tokens().values() for token in tokens]
+
+    def init_word(self, key: str) -> str | None:
+        """The word whose embedding initialises the rows of `key` (None: the mean embedding)."""
+        return None if self.method in CLUSTER_METHODS and key not in ("prefix", "answer") else key
+
+    def eval_prefix(self) -> str:
+        """What evaluation appends to the prompt: the general prefix tokens."""
+        return "".join(self.key_tokens().get("prefix", []))
+
+    def plan(self, types: list[str]) -> str:
+        """Planning tokens before one step of `types` (several types -> their tokens in order)."""
+        tokens = self.key_tokens()
+        return "".join(tokens.get("prefix", []) + [t for key in types for t in tokens.get(key, [])])
+
+    def render(self, steps: list[str], types: list[list[str]], answer: str) -> str:
+        """The planned target: every step behind its planning tokens, then the answer line."""
+        lines = [f"{self.plan(step_types)} {step}\n" for step, step_types in zip(steps, types, strict=True)]
+        return "".join(lines) + self.plan(["answer"]) + ANSWER_LINE.format(answer=answer) + "\n"
+
+    def count_types(self, text: str) -> Counter:
+        """How many steps of each key `text` plans (occurrences of each key's first token)."""
+        tokens = self.key_tokens()
+        return Counter({key: text.count(toks[0]) for key, toks in tokens.items()})
+
+    def remove_tokens(self, text: str) -> str:
+        """`text` without planning tokens (what answer extraction reads)."""
+        for token in self.tokens():
+            text = text.replace(token, "")
+        return text
+
+
+def split_steps(solution: str, task: str) -> list[str]:
+    """Solution -> steps: split on ". " and newlines, empty pieces dropped, a period appended where missing.
+    GSM8K drops the "#### N" line; AQuA drops an "Explanation" prefix and a short trailing "Answer: X" line."""
+    if task == "gsm8k":
+        solution = solution.split("####")[0]
+    if task == "aqua":
+        solution = re.sub(r"^\s*explanation\s*:?\s*", "", solution, flags=re.IGNORECASE)
+        lines = solution.strip().splitlines()
+        while lines and len(lines[-1]) < 40 and re.match(r"\s*(the\s+)?answer\b", lines[-1], re.IGNORECASE):
+            lines = lines[:-1]  # the rationale's own "Answer: B" and the task's appended "The answer is B."
+        solution = "\n".join(lines)
+    steps = []
+    for line in solution.splitlines():
+        for piece in line.split(". "):
+            piece = piece.strip()
+            if piece:
+                steps.append(piece if piece.endswith(".") else piece + ".")
+    return steps
+
+
+_OPERATOR_RE = {
+    "basic": re.compile(r"[-+*/]"),
+    "extended": re.compile(r"\\?\b(sqrt|frac|cos|sin|tan|log|ln|times)\b|([-+*/^!])"),
+}
+
+
+def arithmetic_types(step: str, operators: str = "basic") -> list[str]:
+    """Every operator of the step's `<<...>>` calculator annotations in order, repeats kept (the whole
+    step when it has none and the extended list is used, as MATH/AQuA carry no annotations);
+    ["assignment"] when there is none."""
+    annotations = _CALCULATOR_RE.findall(step)
+    if annotations:
+        texts = [annotation.split("=")[0] for annotation in annotations]
+    else:
+        texts = [step] if operators == "extended" else []
+    found = []
+    for text in texts:
+        for match in _OPERATOR_RE[operators].finditer(text):
+            found.append(next(group for group in match.groups() if group) if match.groups() else match.group(0))
+    return found or ["assignment"]
+
+
+def tagged_steps(response: str, where: str) -> tuple[list[str], list[list[str]]]:
+    """Memory/reason data: one "[rag]: ..." / "[memory]: ..." / "[reason]: ..." step a line -> (steps
+    without their tags, [[key]] per step). An untagged step or an unknown tag is an error naming `where`."""
+    steps, types = [], []
+    for number, line in enumerate((line for line in response.splitlines() if line.strip()), start=1):
+        match = _TAG_RE.match(line)
+        if not match:
+            raise UserInputError(f"{where}: step {number} has no [rag]/[memory]/[reason] tag: {line.strip()[:60]!r}")
+        tag = match.group(1).lower()
+        if tag not in TAGS:
+            raise UserInputError(
+                f"{where}: step {number} has unknown type key '[{match.group(1)}]'; known: {', '.join(TAGS)}"
+            )
+        steps.append(line[match.end() :].strip())
+        types.append([TAGS[tag]])
+    if not steps:
+        raise UserInputError(f"{where}: the solution has no steps")
+    return steps, types

@@ -1,0 +1,107 @@
+"""Learned step types (k-means, SQ-VAE and its variants) on real GSM8K solutions: K types, seeded
+determinism, the annotation cache, and the fitted typer travelling in the datamodule's checkpoint state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import datamodules.step_types as step_types
+from datamodules.planning import PlanningSpec
+from datamodules.reasoning import ReasoningDataModule
+from datamodules.step_types import StepTyper, StepVAE, embed_steps, vae_loss
+from lightning_modules.errors import UserInputError
+from lightning_modules.finetune import CausalLMFineTuner
+from lightning_modules.loading import ModelSpec, load_model
+
+K = 3
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REASONING_LAB_CACHE", str(tmp_path / "cache"))
+
+
+def datamodule(model_folder, method: str, cache: bool = True, epochs: int = 10) -> ReasoningDataModule:
+    spec = PlanningSpec(method=method, n_prefix=1, n_special=1, num_types=K, vae_epochs=epochs, cache=cache)
+    module = CausalLMFineTuner(backbone=ModelSpec(name=str(model_folder)), mode="lora+prompt-tuning", planning=spec)
+    assert module.planning.embedding_model == str(model_folder)  # by default the model being trained
+    return ReasoningDataModule(
+        val_size=2, train_limit=10, test_limit=2, max_length=1024, tokenizer=module.tokenizer, planning=module.planning
+    )
+
+
+def test_step_embeddings_are_conditioned_on_earlier_steps(tiny_llama):
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_llama).eval(),
+        AutoTokenizer.from_pretrained(tiny_llama),
+    )
+    alone = embed_steps(model, tokenizer, "How many?", ["She has 3 apples."])
+    after = embed_steps(model, tokenizer, "How many?", ["He has 2 pears.", "She has 3 apples."])
+    assert alone.shape == (1, 64) and after.shape == (2, 64)
+    assert not torch.allclose(alone[0], after[1])  # causal: the same step reads differently after another one
+
+
+@pytest.mark.parametrize("method", ["kmeans", "vae"])
+def test_learned_types_are_k_labels_deterministic_with_a_seed(tiny_llama, method):
+    first, second = datamodule(tiny_llama, method, cache=False), datamodule(tiny_llama, method, cache=False)
+    first.setup("fit")
+    second.setup("fit")
+    assert first.step_types == second.step_types and len(first.step_types) == 12  # train + validation
+    labels = {label for types in first.step_types.values() for label in types}
+    assert labels <= set(range(K)) and len(labels) >= (K if method == "kmeans" else 2)  # a VAE type may go unused
+    row = first.splits["train"][0]
+    text, types = first.tokenizer.decode([t for t in row["labels"] if t != -100]), first.step_types[row["id"]]
+    assert [text.count(f"<{label}_0>") for label in range(K)] == [types.count(label) for label in range(K)]
+
+
+def test_vae_variants_train_their_own_objective():
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    successor = torch.tensor([1, 2, 2, 4, 5, 5])
+    vae = StepVAE(16, K)
+    generator = torch.Generator().manual_seed(0)
+    plain = vae_loss(vae, x, x, x[successor], False, generator)
+    generator = torch.Generator().manual_seed(0)
+    contrastive = vae_loss(vae, x, x, x[successor], True, generator)
+    assert torch.isfinite(plain) and not torch.equal(plain, contrastive)
+    for method in ("vae-next-step", "vae-contrastive"):
+        spec = PlanningSpec(method=method, n_special=1, num_types=K, vae_epochs=2)
+        typer = StepTyper.fit(spec, x, successor)
+        again = StepTyper.fit(spec, x, successor)
+        assert typer.predict(x) == again.predict(x) and set(typer.predict(x)) <= set(range(K))
+    with pytest.raises(ValueError, match="2 training steps cannot form 3 step types"):
+        StepTyper.fit(PlanningSpec(method="kmeans", n_special=1, num_types=K), x[:2], successor[:2])
+
+
+def test_annotation_is_cached_and_the_typer_travels_in_the_checkpoint(tiny_llama, monkeypatch):
+    first = datamodule(tiny_llama, "kmeans")
+    first.setup("fit")
+    state = first.state_dict()
+    assert state["planning_typer"]["centres"].shape == (K, 64)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the embedding model was loaded again")
+
+    monkeypatch.setattr(step_types, "load_model", no_model)
+    second = datamodule(tiny_llama, "kmeans")
+    second.setup("fit")  # from the cache: no embedding model, no fitting
+    assert second.step_types == first.step_types
+
+    monkeypatch.setattr(step_types, "load_model", load_model)  # the test split needs embeddings...
+    monkeypatch.setattr(StepTyper, "fit", no_model)  # ...but the typer must come from the checkpoint state
+    restored = datamodule(tiny_llama, "kmeans", cache=False)
+    restored.load_state_dict(state)  # before setup, as `test --ckpt_path` restores it after setup
+    restored.setup("test")
+    restored.test_dataloader()  # learned types encode the test split once the checkpoint is restored
+    assert len(restored.splits["test"]) == 2 and all(restored.step_types[i] for i in restored.splits["test"]["id"])
+
+
+def test_too_few_training_steps_is_one_clear_error(tiny_llama):
+    spec = PlanningSpec(method="kmeans", n_special=1, num_types=50, cache=False)
+    module = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="lora+prompt-tuning", planning=spec)
+    data = ReasoningDataModule(val_size=1, train_limit=2, tokenizer=module.tokenizer, planning=module.planning)
+    with pytest.raises(UserInputError, match="cannot form 50 step types"):
+        data.setup("fit")
