@@ -27,7 +27,11 @@ RUNS_DIR = "runs"
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "traces": ("commands.traces:traces", "top-k traces of a frozen teacher-forced pass over gold responses"),
+    "calibrate": ("commands.calibrate:calibrate", "calibration grid, power-law fit and decoding configs from traces"),
+    "analyze": ("commands.analyze:analyze", "rank logs merged with evaluation samples: accuracy vs rank"),
+}
 
 
 class ReasoningLabCLI(LightningCLI):
@@ -85,7 +89,7 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False, parser_mode="omegaconf")
+    auto_cli(function, args=args, as_positional=False, parser_mode="yaml")  # --config FILE.yaml works
 
 
 def print_commands() -> None:

@@ -17,7 +17,8 @@ from lightning_modules.finetune import CausalLMFineTuner, LoraSpec
 from lightning_modules.loading import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml"))
+COMMAND_CONFIGS = {"calibrate.yaml"}  # settings of companion commands, tested with their command
+EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.name not in COMMAND_CONFIGS)
 PRESETS = sorted((REPO / "configs/presets").glob("*.yaml"))
 
 
