@@ -148,6 +148,13 @@ def test_repeats_report_maj_and_pass_at_k_with_aligned_rank_logs(tiny_llama, tmp
     ranks = read_jsonl(samples / "test_step0_ranks.jsonl")  # one line per sequence, in the samples' order
     assert [(line["id"], line["sample"]) for line in ranks] == [(row["id"], s) for row in rows for s in range(4)]
     assert all(1 <= len(line["low_confidence_ranks"]) <= 6 for line in ranks)  # every step logged (threshold 1)
+    out = tmp_path / "analysis"
+    args = ["--samples", str(samples / "test_step0.jsonl"), "--ranks", str(samples / "test_step0_ranks.jsonl")]
+    assert run_main(["analyze", *args, "--output_dir", str(out)]) == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["overall"]["sequences"] == 12
+    assert analysis["overall"]["accuracy"] == pytest.approx(summary["pass@1"])
+    assert analysis["majority_vote"]["all samples"]["accuracy"] == pytest.approx(summary["accuracy"])
 
 
 def test_predict_with_repeats_writes_one_row_per_question(tiny_llama, tmp_path):
@@ -245,3 +252,44 @@ def test_calibrate_config_and_bad_input_through_the_cli(tiny_llama, tmp_path, ca
     assert f"{traces}:2001:" in capsys.readouterr().err
     assert run_main([*args, "--traces", str(tmp_path / "missing.jsonl")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- analyze
+def test_analysis_merges_by_id_and_sample_not_by_position(tmp_path, capsys):
+    rows = [  # question a: 3 samples, question b: 3 samples
+        {"id": "a", "predictions": ["1", "2", "1"], "samples_correct": [True, False, True]},
+        {"id": "b", "predictions": ["5", "6", "6"], "samples_correct": [True, False, False]},
+    ]
+    ranks = {("a", 0): [1, 1], ("a", 1): [4], ("a", 2): [], ("b", 0): [1], ("b", 1): [12, 2], ("b", 2): [3]}
+    lines = [
+        {"id": i, "sample": s, "low_confidence_ranks": r, "low_probability_ranks": []} for (i, s), r in ranks.items()
+    ]
+    samples_path, ranks_path = tmp_path / "samples.jsonl", tmp_path / "ranks.jsonl"
+    samples_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ranks_path.write_text("".join(json.dumps(line) + "\n" for line in reversed(lines)))  # another order
+    result = run_main(["analyze", "--samples", str(samples_path), "--ranks", str(ranks_path),
+                       "--output_dir", str(tmp_path / "out"), "--max_ranks", "[1, 3]"])  # fmt: skip
+    assert result == 0
+    analysis = json.loads((tmp_path / "out/analysis.json").read_text())
+    assert analysis["overall"] == {"sequences": 6, "accuracy": 0.5}
+    steps = analysis["by_number_of_logged_steps"]
+    assert steps["0"] == {"sequences": 1, "accuracy": 1.0} and steps["1"] == {"sequences": 3, "accuracy": 1 / 3}
+    assert steps["2"] == {"sequences": 2, "accuracy": 0.5}
+    by_rank = analysis["by_sampled_rank"]
+    assert by_rank["1"] == {"sequences": 2, "accuracy": 1.0} and by_rank["4"] == {"sequences": 1, "accuracy": 0.0}
+    assert by_rank["10+"] == {"sequences": 1, "accuracy": 0.0} and by_rank["2"]["sequences"] == 1
+    single = analysis["single_step_by_rank"]
+    assert single["1"] == {"sequences": 1, "accuracy": 1.0} and single["3"] == {"sequences": 1, "accuracy": 0.0}
+    assert analysis["by_mean_rank"]["1"] == {"sequences": 2, "accuracy": 1.0}
+    assert analysis["by_mean_rank"]["(5, 10]"] == {"sequences": 1, "accuracy": 0.0}  # mean of [12, 2] = 7
+    assert analysis["by_max_rank"][">10"] == {"sequences": 1, "accuracy": 0.0}
+    votes = analysis["majority_vote"]
+    assert votes["all samples"]["accuracy"] == 0.5  # a: "1" wins (right); b: "6" wins (wrong)
+    assert votes["max rank <= 1"] == {"accuracy": 1.0, "coverage": 1.0}  # a: samples 0, 2; b: sample 0 only
+    for name in ("accuracy_vs_logged_steps.png", "accuracy_per_sampled_rank.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    assert "by sampled rank" in capsys.readouterr().out
+
+    ranks_path.write_text(ranks_path.read_text() + json.dumps({"id": "zz", "sample": 0, "low_confidence_ranks": []}))
+    assert run_main(["analyze", "--samples", str(samples_path), "--ranks", str(ranks_path), "--output_dir", "x"]) == 2
+    assert f"{ranks_path}:7: id 'zz'" in capsys.readouterr().err
