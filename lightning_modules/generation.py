@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Cache, GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lightning_modules.decoding import DecodingSpec, logits_processors
 from lightning_modules.errors import UserInputError
@@ -86,8 +93,9 @@ def generate(
 ) -> list[str]:
     """Completions (text after the prompt, special tokens and stop strings removed) of a left-padded batch.
 
-    With `spec.repeats` = n > 1 every prompt is repeated n times (repeat_interleave, one batched sampling
-    call): the result has n * batch completions, question i's samples at i*n .. i*n + n - 1.
+    With `spec.repeats` = n > 1 every prompt is prefilled once and its cache and ids repeated n times
+    (repeat_interleave, one batched sampling call): the result has n * batch completions, question i's samples
+    at i*n .. i*n + n - 1.
     `past_key_values` may hold a prefill of all but the last prompt tokens (positions from the mask's
     cumulative sum, as `generate` counts them): generation then continues from it without a second prefill.
     `rank_recorder` logs the rank of every chosen token under the model's raw distribution (rank_log.py).
@@ -95,6 +103,8 @@ def generate(
     if prompt_ids.shape[1] and bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left-padded prompts (the last column is padding)")
     if spec.repeats > 1:
+        if past_key_values is None and prompt_ids.shape[1] > 1:  # each prompt is prefilled once, not n times
+            past_key_values = prefill_cache(model, prompt_ids, prompt_mask)
         if past_key_values is not None:
             past_key_values.batch_repeat_interleave(spec.repeats)
         prompt_ids = prompt_ids.repeat_interleave(spec.repeats, dim=0)
@@ -115,6 +125,17 @@ def generate(
         rank_recorder.finish(new_tokens, config.eos_token_id, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [cut_at_stop(text, spec.stop) for text in completions]
+
+
+@torch.no_grad()
+def prefill_cache(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
+    """The KV cache of all but the last token of left-padded prompts (positions numbered as `generate` does)."""
+    ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+          logits_to_keep=1)  # fmt: skip
+    return cache
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

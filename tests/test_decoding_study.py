@@ -102,6 +102,17 @@ def test_rank_logs_are_rank_one_everywhere_under_greedy_decoding(tiny_llama):
         assert ranks and set(ranks) == {1} and len(ranks) <= 12
 
 
+def test_repeats_share_one_prefill_and_decode_like_separate_prompts(tiny_llama):
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_llama).eval(),
+        AutoTokenizer.from_pretrained(tiny_llama),
+    )
+    ids, mask = prompts(tokenizer)
+    greedy = generate(model, tokenizer, ids, mask, GenerationSpec(max_new_tokens=10))
+    top1 = GenerationSpec(max_new_tokens=10, repeats=3, decoding=DecodingSpec(temperature=1.0, top_k=1))
+    assert generate(model, tokenizer, ids, mask, top1) == [text for text in greedy for _ in range(3)]
+
+
 def test_rank_logs_of_sampled_tokens_respect_top_k(tiny_llama):
     model, tokenizer = (
         AutoModelForCausalLM.from_pretrained(tiny_llama).eval(),
@@ -293,3 +304,35 @@ def test_analysis_merges_by_id_and_sample_not_by_position(tmp_path, capsys):
     ranks_path.write_text(ranks_path.read_text() + json.dumps({"id": "zz", "sample": 0, "low_confidence_ranks": []}))
     assert run_main(["analyze", "--samples", str(samples_path), "--ranks", str(ranks_path), "--output_dir", "x"]) == 2
     assert f"{ranks_path}:7: id 'zz'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- embedded model, end to end
+def test_decoding_study_traces_and_calibration_on_the_embedded_model(tmp_path):
+    """The few-shot study with 4 samples per question on 2 questions, then traces -> grid -> a decoding config."""
+    args = ["test", "--config", str(STUDY), "--data.test_limit", "2", "--data.eval_batch_size", "2",
+            "--model.init_args.generation.max_new_tokens", "32", "--model.init_args.generation.repeats", "4",
+            "--model.init_args.generation.at_k", "[1, 4]", "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert run_main(args) == 0
+    samples = tmp_path / "decoding_gsm8k/version_0/samples"
+    rows = read_jsonl(samples / "test_step0.jsonl")
+    assert len(rows) == 2 and all(len(row["completions"]) == 4 for row in rows)
+    assert sum(p is not None for row in rows for p in row["predictions"]) >= 4  # the few-shot format is followed
+    summary = json.loads((samples / "test_step0_summary.json").read_text())
+    assert {"maj@1", "maj@4", "pass@1", "pass@4"} <= summary.keys() and summary["pass@4"] >= summary["pass@1"]
+    assert len(read_jsonl(samples / "test_step0_ranks.jsonl")) == 8
+
+    traces = tmp_path / "traces.jsonl"
+    assert run_main(["traces", "--output", str(traces), "--limit", "3", "--k", "10", "--batch_size", "3"]) == 0
+    lines = read_jsonl(traces)
+    assert len(lines) > 100 and all(len(line["top_ids"]) == 10 for line in lines)
+    hit_rate = sum(line["gt"] == line["top_ids"][0] for line in lines) / len(lines)
+    assert hit_rate > 0.5  # a real model predicts most gold tokens of GSM8K solutions
+    out = tmp_path / "calibration"
+    assert run_main(["calibrate", "--config", str(REPO / "configs/calibrate.yaml"), "--traces", str(traces),
+                     "--output_dir", str(out), "--ranks", "10", "--min_samples", "1"]) == 0  # fmt: skip
+    grid = json.loads((out / "calibration.json").read_text())
+    assert sum(grid["counts"]) == len(lines) and grid["acc"][9][0] > grid["acc"][0][0]  # confident bins are right
+    cli = build_cli(["--config", str(STUDY), "--config", str(out / "calibrated_topk.yaml"),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)  # fmt: skip
+    assert cli.model.generation.decoding.dynamic_top_k == grid["dynamic_top_k"]
