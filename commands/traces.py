@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from callbacks.io import atomic_path
 from datamodules.batching import collate
@@ -43,6 +44,27 @@ def trace_lines(targets: torch.Tensor, log_probs: torch.Tensor, k: int) -> list[
         quoted = '", "'.join(f"{p:.8f}" for p in row_probs)  # the same text json.dumps would write, faster
         lines.append(f'{{"gt": {gt}, "top_ids": {row_ids}, "top_probs": ["{quoted}"]}}\n')
     return lines
+
+
+def write_traces(
+    network: PreTrainedModel,
+    pad_id: int,
+    features: list[dict],
+    file: io.TextIOBase,
+    k: int,
+    batch_size: int,
+    chunk_tokens: int = 1024,
+) -> int:
+    """Trace lines of `features` ({"input_ids", "labels"}: scored where labels != -100) into `file`; positions."""
+    device, positions = next(network.parameters()).device, 0
+    for start in tqdm(range(0, len(features), batch_size), desc="traces", unit="batch"):
+        batch = collate(features[start : start + batch_size], pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        scored = batch["labels"].to(device) != -100
+        for chunk in teacher_forced_chunks(network, ids, mask, scored, chunk_tokens=chunk_tokens):
+            file.writelines(trace_lines(chunk.targets, chunk.log_probs, k))
+            positions += len(chunk.targets)
+    return positions
 
 
 def traces(
@@ -99,15 +121,7 @@ def traces(
     for example in examples:
         input_ids, labels = formatter.encode_example(example.question, example.response)
         features.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length]})
-    device = next(network.parameters()).device
-    positions = 0
     with atomic_path(path) as temporary, open_text(temporary, "w", name=path) as file:
-        for start in tqdm(range(0, len(features), batch_size), desc="traces", unit="batch"):
-            batch = collate(features[start : start + batch_size], tokenizer.pad_token_id)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            scored = batch["labels"].to(device) != -100
-            for chunk in teacher_forced_chunks(network, ids, mask, scored, chunk_tokens=chunk_tokens):
-                file.writelines(trace_lines(chunk.targets, chunk.log_probs, k))
-                positions += len(chunk.targets)
+        positions = write_traces(network, tokenizer.pad_token_id, features, file, k, batch_size, chunk_tokens)
     print(f"Top-{k} traces of {positions} positions ({len(examples)} examples): {path}")
     return path
