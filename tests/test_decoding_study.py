@@ -336,3 +336,12 @@ def test_decoding_study_traces_and_calibration_on_the_embedded_model(tmp_path):
     cli = build_cli(["--config", str(STUDY), "--config", str(out / "calibrated_topk.yaml"),
                      "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)  # fmt: skip
     assert cli.model.generation.decoding.dynamic_top_k == grid["dynamic_top_k"]
+
+
+def test_gsm8k_scoring_reads_the_few_shot_answer_sentence():
+    from datamodules.scoring import score_completion
+
+    completion = "She sold 48/2 = 24 in May, so 48 + 24 = 72 in all. The answer is 72."
+    assert score_completion("gsm8k", completion, "72") == ("72", True)
+    assert score_completion("gsm8k", "It costs $1,250 in total. The answer is $1,250.", "1250") == ("1250", True)
+    assert score_completion("gsm8k", "3 + 4 = 7 and 7 * 2 = 14. The answer is 15.", "14") == ("15", False)
