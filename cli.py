@@ -36,6 +36,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "commands.scaffold:scaffold",
         "SLURM scripts for fine-tuning runs, their evaluations and base controls",
     ),
+    "traces": ("commands.traces:traces", "top-k traces of a frozen teacher-forced pass over gold responses"),
+    "calibrate": ("commands.calibrate:calibrate", "calibration grid, power-law fit and decoding configs from traces"),
+    "analyze": ("commands.analyze:analyze", "rank logs merged with evaluation samples: accuracy vs rank"),
 }
 
 
@@ -122,7 +125,7 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False)
+    auto_cli(function, args=args, as_positional=False, parser_mode="yaml")  # --config FILE.yaml works
 
 
 def print_commands() -> None:

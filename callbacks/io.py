@@ -64,3 +64,17 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 def run_directory(trainer: L.Trainer) -> Path:
     """The run's log directory. Call it on EVERY rank: under DDP `trainer.log_dir` is a broadcast."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `path` to stream into; on success it becomes `path` (atomic rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)

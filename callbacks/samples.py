@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.io import run_directory, write_json_atomic, write_jsonl_atomic
+from lightning_modules.sampling_metrics import mean_metrics
 
 
 class SampleWriter(L.Callback):
@@ -18,6 +19,10 @@ class SampleWriter(L.Callback):
     - validation: `samples/val_step{step}.jsonl` and a table of `table_rows` rows in TensorBoard;
     - test: `samples/test_step{step}.jsonl` plus `samples/test_step{step}_summary.json`;
     - predict: `predictions.jsonl`.
+    Rows with repeated samples carry per-question "metrics" (maj@k, pass@k): the test summary averages them.
+    Rows with rank logs ("ranks", one entry per sample) have them moved to `<name>_ranks.jsonl` beside the
+    samples (`rank_logs.jsonl` for predict): one line per sequence {"id", "sample", "low_confidence_ranks",
+    "low_probability_ranks"}, in the samples' order.
     All under the run's log directory, written atomically by rank 0 after gathering every rank's rows.
     """
 
@@ -59,6 +64,7 @@ class SampleWriter(L.Callback):
         rows, run_dir = self._gathered_rows(), run_directory(trainer)
         if trainer.sanity_checking or not trainer.is_global_zero or not rows:
             return
+        rows = write_rank_logs(run_dir / "samples" / f"val_step{trainer.global_step}_ranks.jsonl", rows)
         write_jsonl_atomic(run_dir / "samples" / f"val_step{trainer.global_step}.jsonl", rows)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -74,17 +80,34 @@ class SampleWriter(L.Callback):
         if any("arm" in row for row in rows):
             write_arms(folder / name, rows)
             return
+        rows = write_rank_logs(folder / f"{name}_ranks.jsonl", rows)
         write_jsonl_atomic(folder / f"{name}.jsonl", rows)
         accuracy = sum(row["correct"] for row in rows) / len(rows)
-        write_json_atomic(folder / f"{name}_summary.json", {"questions": len(rows), "accuracy": accuracy})
+        summary = {"questions": len(rows), "accuracy": accuracy}
+        if "completions" in rows[0]:  # repeated sampling: accuracy is the majority vote over all samples
+            summary.update(samples_per_question=len(rows[0]["completions"]), **mean_metrics(rows))
+        write_json_atomic(folder / f"{name}_summary.json", summary)
         rank_zero_info(f"Test samples: {folder / name}.jsonl (accuracy {accuracy:.4f} on {len(rows)} questions)")
 
     def on_predict_epoch_end(self, trainer, module) -> None:
         rows, run_dir = self._gathered_rows(), run_directory(trainer)
         if trainer.is_global_zero and rows:
             path = run_dir / "predictions.jsonl"
-            write_jsonl_atomic(path, rows)
+            write_jsonl_atomic(path, write_rank_logs(run_dir / "rank_logs.jsonl", rows))
             rank_zero_info(f"Predictions: {path}")
+
+
+def write_rank_logs(path: Path, rows: list[dict]) -> list[dict]:
+    """Write the rows' rank logs (if any) to `path`, one line per sequence; the rows without them."""
+    if not any("ranks" in row for row in rows):
+        return rows
+    lines = [
+        {"id": row["id"], "sample": sample, **ranks}
+        for row in rows
+        for sample, ranks in enumerate(row.get("ranks", []))
+    ]
+    write_jsonl_atomic(path, lines)
+    return [{key: value for key, value in row.items() if key != "ranks"} for row in rows]
 
 
 def write_arms(folder: Path, rows: list[dict]) -> None:
@@ -136,6 +159,7 @@ def markdown_table(rows: list[dict]) -> str:
 
     lines = ["| question | completion | prediction | gold | correct |", "|---|---|---|---|---|"]
     for row in rows:
-        fields = ("question", "completion", "prediction", "answer", "correct")
-        lines.append("| " + " | ".join(cell(row[field]) for field in fields) + " |")
+        completion = row["completion"] if "completion" in row else row["completions"][0]
+        values = (row["question"], completion, row["prediction"], row["answer"], row["correct"])
+        lines.append("| " + " | ".join(cell(value) for value in values) + " |")
     return "\n".join(lines)

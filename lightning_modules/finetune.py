@@ -14,6 +14,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from torchmetrics import MeanMetric
 from transformers import AutoTokenizer, PreTrainedModel
 
@@ -22,6 +23,8 @@ from datamodules.scoring import score_completion
 from lightning_modules.errors import TrainingStopped, UserInputError
 from lightning_modules.generation import GenerationSpec, generate
 from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
+from lightning_modules.rank_log import RankLogSpec, RankRecorder
+from lightning_modules.sampling_metrics import majority_vote, question_metrics
 from lightning_modules.vocabulary import (
     add_tokens,
     prompt_tuning_config,
@@ -69,6 +72,8 @@ class CausalLMFineTuner(LightningModule):
         planning: planning tokens (step-type selection, n_prefix, n_special); added to the tokenizer here,
             the datamodule writes them into the targets (linked by `cli.py`).
         generation: decoding used for validation / test accuracy and predictions.
+            Repeats > 1: n samples per question, majority-vote accuracy, maj@k and pass@k.
+        rank_log: also log the rank of each chosen token at low-confidence steps (samples/*_ranks.jsonl).
         optimizer: optimizer callable over the trainable parameters (default AdamW, lr 2e-4).
         scheduler: learning-rate scheduler callable, stepped every optimizer step.
     """
@@ -80,12 +85,13 @@ class CausalLMFineTuner(LightningModule):
         lora: LoraSpec | None = None,
         planning: PlanningSpec | None = None,
         generation: GenerationSpec | None = None,
+        rank_log: RankLogSpec | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        # generation is an evaluation knob: kept out of the hparams that `--ckpt_path` re-applies over the config
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation"])
+        # evaluation knobs are kept out of the hparams that `--ckpt_path` re-applies over the config
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log"])
         backbone = backbone or ModelSpec()
         if mode.startswith("qlora") and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
@@ -96,6 +102,7 @@ class CausalLMFineTuner(LightningModule):
         self.backbone, self.mode = backbone, mode
         self.lora = lora or LoraSpec()
         self.generation = generation or GenerationSpec()
+        self.rank_log = rank_log
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.planning = planning or PlanningSpec()
         if self.planning.embedding_model is None and self.planning.method in CLUSTER_METHODS:
@@ -110,6 +117,12 @@ class CausalLMFineTuner(LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
         self.test_loss, self.test_accuracy = MeanMetric(), MeanMetric()
+        ks = [k for k in sorted(set(self.generation.at_k)) if k <= self.generation.repeats]
+        self.at_k_metrics = (
+            nn.ModuleDict({f"{s}_{m}_{k}": MeanMetric() for s in ("val", "test") for m in ("maj", "pass") for k in ks})
+            if self.generation.repeats > 1
+            else None
+        )
         self.checkpoint_global_step = 0
 
     def configure_model(self) -> None:
@@ -167,24 +180,52 @@ class CausalLMFineTuner(LightningModule):
         size = len(rows)
         self.log(f"{stage}/loss", loss_metric, batch_size=size, prog_bar=True)
         self.log(f"{stage}/accuracy", accuracy, batch_size=size, prog_bar=True)
+        for name in rows[0].get("metrics", {}) if self.at_k_metrics is not None else ():
+            metric = self.at_k_metrics[f"{stage}_{name.replace('@', '_')}"]
+            metric.update(torch.tensor([row["metrics"][name] for row in rows], device=self.device))
+            self.log(f"{stage}/{name}", metric, batch_size=size)
         return {"rows": rows}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        completions = generate(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation)
-        rows = []
-        for index, completion in enumerate(completions):
-            scored = self.planning.remove_tokens(completion)
-            prediction, correct = score_completion(batch["answer_format"], scored, batch["answer"][index])
-            rows.append(
-                {
-                    "id": batch["id"][index],
-                    "question": batch["question"][index],
-                    "completion": completion,
-                    "prediction": prediction,
-                    "answer": batch["answer"][index],
-                    "correct": correct,
-                }
-            )
+        """One row per question. repeats = 1: its completion, prediction and correctness. repeats = n > 1: the n
+        completions, predictions and correctness flags, the majority answer as prediction / correct, and its
+        maj@k / pass@k. With `rank_log`, each row's "ranks" hold one entry per sample (the SampleWriter moves
+        them to their own file)."""
+        recorder = RankRecorder(self.rank_log) if self.rank_log is not None else None
+        completions = generate(
+            self.model,
+            self.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.generation,
+            rank_recorder=recorder,
+        )
+        n, rows = self.generation.repeats, []
+        for index in range(len(batch["id"])):
+            samples = completions[index * n : (index + 1) * n]
+            scored = [
+                score_completion(batch["answer_format"], self.planning.remove_tokens(text), batch["answer"][index])
+                for text in samples
+            ]
+            predictions, correct = [p for p, _ in scored], [c for _, c in scored]
+            row = {"id": batch["id"][index], "question": batch["question"][index]}
+            if n == 1:
+                row.update(completion=samples[0], prediction=predictions[0])
+            else:
+                row.update(completions=samples, predictions=predictions, samples_correct=correct)
+                row["prediction"], majority_correct = majority_vote(predictions, correct)
+            row.update(answer=batch["answer"][index], correct=correct[0] if n == 1 else majority_correct)
+            if n > 1:
+                row["metrics"] = question_metrics(predictions, correct, self.generation.at_k)
+            if recorder is not None:
+                row["ranks"] = [
+                    {
+                        "low_confidence_ranks": recorder.low_confidence[i],
+                        "low_probability_ranks": recorder.low_probability[i],
+                    }
+                    for i in range(index * n, (index + 1) * n)
+                ]
+            rows.append(row)
         return {"rows": rows}
 
     def trainable_parameter_names(self) -> set[str]:

@@ -9,10 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Cache, GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lightning_modules.decoding import DecodingSpec, logits_processors
 from lightning_modules.errors import UserInputError
+from lightning_modules.rank_log import RankRecorder
 
 
 @dataclass
@@ -29,12 +37,22 @@ class GenerationSpec:
     lightning_modules/decoding.py."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings; the completion is cut before the first one (EOS always stops)."""
+    repeats: int = 1
+    """Samples per question (> 1 needs sampling, temperature > 0); evaluation then reports maj@k and pass@k."""
+    at_k: list[int] = field(default_factory=lambda: [1, 8, 16, 32])
+    """The k of maj@k (majority vote over the first k samples) and pass@k (unbiased estimator), k <= repeats."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserInputError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserInputError("generation.min_new_tokens must be between 0 and max_new_tokens")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise UserInputError(f"generation.repeats must be an integer >= 1, got {self.repeats}")
+        if self.repeats > 1 and self.decoding.greedy:
+            raise UserInputError("generation.repeats > 1 needs sampling: set generation.decoding.temperature > 0")
+        if not self.at_k or any(not isinstance(k, int) or k < 1 for k in self.at_k):
+            raise UserInputError(f"generation.at_k must list integers >= 1, got {self.at_k}")
 
 
 # transformers fills every GenerationConfig field left unset from the model's generation_config.json (Qwen
@@ -71,26 +89,53 @@ def generate(
     spec: GenerationSpec,
     logits_processor: LogitsProcessorList | None = None,
     past_key_values: Cache | None = None,
+    rank_recorder: RankRecorder | None = None,
 ) -> list[str]:
     """Completions (text after the prompt, special tokens and stop strings removed) of a left-padded batch.
 
+    With `spec.repeats` = n > 1 every prompt is prefilled once and its cache and ids repeated n times
+    (repeat_interleave, one batched sampling call): the result has n * batch completions, question i's samples
+    at i*n .. i*n + n - 1.
     `past_key_values` may hold a prefill of all but the last prompt tokens (positions from the mask's
     cumulative sum, as `generate` counts them): generation then continues from it without a second prefill.
+    `rank_recorder` logs the rank of every chosen token under the model's raw distribution (rank_log.py).
     """
     if prompt_ids.shape[1] and bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left-padded prompts (the last column is padding)")
+    if spec.repeats > 1:
+        if past_key_values is None and prompt_ids.shape[1] > 1:  # each prompt is prefilled once, not n times
+            past_key_values = prefill_cache(model, prompt_ids, prompt_mask)
+        if past_key_values is not None:
+            past_key_values.batch_repeat_interleave(spec.repeats)
+        prompt_ids = prompt_ids.repeat_interleave(spec.repeats, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(spec.repeats, dim=0)
     extra = {"tokenizer": tokenizer} if spec.stop else {}  # stop strings are matched through it
     config, decoding = generation_config(spec, model, tokenizer)
+    recorder = [rank_recorder] if rank_recorder is not None else []  # first: it sees the raw logits
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         generation_config=config,
-        logits_processor=LogitsProcessorList([*(logits_processor or []), *decoding]),
+        logits_processor=LogitsProcessorList([*recorder, *(logits_processor or []), *decoding]),
         past_key_values=past_key_values,
         **extra,
     )
-    completions = tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+    new_tokens = output[:, prompt_ids.shape[1] :]
+    if rank_recorder is not None:
+        rank_recorder.finish(new_tokens, config.eos_token_id, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [cut_at_stop(text, spec.stop) for text in completions]
+
+
+@torch.no_grad()
+def prefill_cache(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
+    """The KV cache of all but the last token of left-padded prompts (positions numbered as `generate` does)."""
+    ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+          logits_to_keep=1)  # fmt: skip
+    return cache
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

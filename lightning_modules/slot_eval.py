@@ -49,6 +49,8 @@ class SLOTEvaluator(LightningModule):
         if not self.arms or len({arm.name for arm in self.arms}) != len(self.arms):
             raise UserInputError("model.arms must list at least one arm, each with different settings")
         self.generation = generation or GenerationSpec(max_new_tokens=512)
+        if self.generation.repeats != 1:
+            raise UserInputError("model.generation.repeats: SLOT arms generate one completion per question (use 1)")
         self.format_pattern = re.compile(format_pattern, re.DOTALL)
         exported = (
             checkpoint is not None and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").exists()

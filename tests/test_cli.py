@@ -19,7 +19,8 @@ from lightning_modules.generation import GenerationSpec, generate
 from lightning_modules.loading import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml"))
+COMMAND_CONFIGS = {"calibrate.yaml"}  # settings of companion commands, tested with their command
+EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.name not in COMMAND_CONFIGS)
 PLANNING = PlanningSpec(method="arithmetic", n_prefix=3, n_special=2)  # configs/planning_gsm8k.yaml's
 PRESETS = sorted((REPO / "configs/presets").glob("*.yaml"))
 
