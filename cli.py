@@ -27,7 +27,10 @@ RUNS_DIR = "runs"
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "dynamics": ("commands.dynamics:dynamics", "likelihood dynamics of a sample pool over every checkpoint of a run"),
+    "select": ("commands.select:select", "keep the highest / lowest / a random-likelihood answer per question"),
+}
 
 
 class ReasoningLabCLI(LightningCLI):
@@ -85,7 +88,7 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False, parser_mode="omegaconf")
+    auto_cli(function, args=args, as_positional=False)
 
 
 def print_commands() -> None:
