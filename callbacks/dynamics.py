@@ -19,7 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.io import run_directory, write_json_atomic
 from datamodules.prompts import PromptSpec
+from datamodules.tasks import DATA_DIR
 from lightning_modules.likelihood import ScoringSpec, build_summary, load_pool, scalar_tags, score_pool, settings_record
+
+BUNDLED_POOL = DATA_DIR / "dynamics/pool.json"
 
 
 class LikelihoodDynamics(L.Callback):
@@ -30,7 +33,8 @@ class LikelihoodDynamics(L.Callback):
     weights are not supported). The module's train/eval modes are restored after scoring.
 
     Args:
-        pool: the sample pool, a JSON list (or JSONL) of {"instruction", "input", "output", "type"}.
+        pool: the sample pool, a JSON list (or JSONL) of {"instruction", "input", "output", "type"};
+            None = the bundled data/dynamics/pool.json (GSM8K: train, test and test_mismatched samples).
         on_checkpoint: score every time a checkpoint is saved.
         every_n_steps: also score every N optimizer steps (0 = only at checkpoints).
         prompt: the prompt format; None = the datamodule's (the format training uses).
@@ -42,7 +46,7 @@ class LikelihoodDynamics(L.Callback):
 
     def __init__(
         self,
-        pool: str = "data/dynamics/pool.json",
+        pool: str | None = None,
         on_checkpoint: bool = True,
         every_n_steps: int = 0,
         prompt: PromptSpec | None = None,
@@ -63,7 +67,7 @@ class LikelihoodDynamics(L.Callback):
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.samples = load_pool(self.pool, self.types)
+        self.samples = load_pool(self.pool or BUNDLED_POOL, self.types)
         prompt = self.prompt or getattr(trainer.datamodule, "prompt", None) or PromptSpec()
         self.spec = replace(self.spec, prompt=prompt)
         self.settings = settings_record(self.spec, self.samples)
@@ -116,7 +120,11 @@ class LikelihoodDynamics(L.Callback):
         self.last_end = end
         self.records[step] = record
         write_json_atomic(self.directory / "checkpoints" / f"{name}.json", record)
-        header = {"run_dir": str(self.directory.parent), "pool": self.pool, "settings": self.settings}
+        header = {
+            "run_dir": str(self.directory.parent),
+            "pool": str(self.pool or BUNDLED_POOL),
+            "settings": self.settings,
+        }
         if hasattr(module, "backbone"):
             header["base_model"] = asdict(module.backbone)
         summary = build_summary([r for r in self.records.values() if r], header)

@@ -1,6 +1,6 @@
 """`python cli.py dynamics`: likelihood dynamics of a sample pool over every checkpoint of a run.
 
-Outputs (in `--output`, default `<folder>/dynamics`): `checkpoints/<name>.json` per checkpoint (per-sample
+Outputs (in `--output`, default `<folder>/dynamics_offline`): `checkpoints/<name>.json` per checkpoint (per-sample
 metrics), `summary.json` (all checkpoints, by type) and TensorBoard events in `tensorboard/`. Every file is
 written atomically; a rerun reuses every per-checkpoint file computed with the same pool and settings, so
 an interrupted run recomputes nothing already written.
@@ -54,7 +54,7 @@ def dynamics(
         model: the base model (step 0, and the base of adapter checkpoints); None = the backbone recorded
             in the run (a Lightning checkpoint's hyper-parameters or an export's training_info.json).
         scoring: prompt format, response-only or all-token scoring, batch size, head chunk size.
-        output: where the outputs go; None = FOLDER/dynamics.
+        output: where the outputs go; None = FOLDER/dynamics_offline (the live callback writes FOLDER/dynamics).
         types: score only these sample types (None = all).
         device: cpu, cuda, or auto (cuda when available).
     """
@@ -64,7 +64,7 @@ def dynamics(
     for problem in discovery.problems:
         log.warning("skipped %s: %s", problem["checkpoint"], problem["reason"])
     backbone = model or recorded_backbone(discovery.checkpoints, folder)
-    out = Path(output) if output else Path(folder) / "dynamics"
+    out = Path(output) if output else Path(folder) / "dynamics_offline"
     settings = settings_record(scoring, samples)
     header = {
         "model_folder": str(folder),

@@ -28,3 +28,10 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+class AssertTrainMode(L.Callback):
+    """Fails a training step that starts with the model (or any of its layers) in eval mode."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        assert module.model.training and all(layer.training for layer in module.model.modules())
