@@ -65,7 +65,7 @@ def dynamics(
         log.warning("skipped %s: %s", problem["checkpoint"], problem["reason"])
     backbone = model or recorded_backbone(discovery.checkpoints, folder)
     out = Path(output) if output else Path(folder) / "dynamics_offline"
-    settings = settings_record(scoring, samples)
+    settings = {**settings_record(scoring, samples), "base_model": backbone.name}
     header = {
         "model_folder": str(folder),
         "base_model": asdict(backbone),
@@ -79,7 +79,7 @@ def dynamics(
     records = []
     for checkpoint in tqdm(discovery.checkpoints, desc="checkpoints"):
         path = out / "checkpoints" / f"{checkpoint.name}.json"
-        record = reusable_record(path, settings)
+        record = reusable_record(path, settings, checkpoint)
         if record is None:
             try:
                 record = score_checkpoint(models, tokenizer, checkpoint, samples, scoring, settings)
@@ -109,15 +109,24 @@ def recorded_backbone(checkpoints: list[Checkpoint], folder: str) -> ModelSpec:
     raise UserInputError(f"{folder}: no backbone recorded in its checkpoints; give the base model with --model.name")
 
 
-def reusable_record(path: Path, settings: dict) -> dict | None:
-    """A per-checkpoint result already written with the same settings, or None (then it is recomputed)."""
+def checkpoint_stamp(checkpoint: Checkpoint) -> list | None:
+    """Size and modification time of a checkpoint's files: a checkpoint written again is scored again."""
+    if checkpoint.path is None:
+        return None
+    files = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.path.iterdir())
+    return [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()]
+
+
+def reusable_record(path: Path, settings: dict, checkpoint: Checkpoint) -> dict | None:
+    """A per-checkpoint result already written with the same settings from the same files, or None."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return record if record.get("settings") == settings else None
+    same = record.get("settings") == settings and record.get("stamp") == checkpoint_stamp(checkpoint)
+    return record if same else None
 
 
 def score_checkpoint(
@@ -138,6 +147,7 @@ def score_checkpoint(
         "step": checkpoint.step,
         "path": str(checkpoint.path) if checkpoint.path else None,
         "settings": settings,
+        "stamp": checkpoint_stamp(checkpoint),
         "seconds": round(time.perf_counter() - start, 3),
         "results": results,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,12 @@ def test_resume_after_a_crash_recomputes_nothing(hf_run, tiny_llama, pool, tmp_p
     resumed = dynamics(str(hf_run), str(pool), model=spec, output=str(out))
     assert calls == ["checkpoint-6", "epoch_1", "checkpoint-10"]  # nothing already written is recomputed
     assert resumed["results_by_type"] == straight["results_by_type"]
+
+    calls.clear()
+    weights = hf_run / "checkpoint-2/model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
+    dynamics(str(hf_run), str(pool), model=spec, output=str(out))
+    assert calls == ["checkpoint-2"]
 
     calls.clear()
     dynamics(str(hf_run), str(pool), model=spec, output=str(out), scoring=ScoringSpec(score="all"))
