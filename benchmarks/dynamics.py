@@ -5,7 +5,8 @@ sample at a time, logits over every position (prompt included) and a full [lengt
 Ours: `commands.dynamics.dynamics` end to end: one base model with the LoRA checkpoints swapped in, length-sorted
 batches, the output head only on scored positions, at most --chunk-tokens positions at a time.
 
-1. Same numbers: max |difference| of per-sample log-likelihood, perplexity (relative) and entropy (target 1e-4).
+1. Same numbers: max |difference| of per-sample log-likelihood (summed over ~100 tokens, and per token),
+   perplexity (relative) and entropy (target 1e-4).
 2. Time: all-checkpoints wall time, upstream / ours (target >= 1.0 on CPU), per batch size.
 3. Memory: the largest fp32 [positions, vocab] tensor each way (ours is bounded by --chunk-tokens).
 4. Live callback (--fit-steps > 0): a short LoRA fit scoring the pool every --fit-steps/2 steps; the cost is the
@@ -109,11 +110,15 @@ def ours(
 
 
 def max_differences(reference: list[list[dict]], output: Path, names: list[str]) -> dict[str, float]:
-    worst = {"log_likelihood": 0.0, "perplexity_relative": 0.0, "entropy": 0.0, "token_count": 0.0}
+    worst = {"log_likelihood": 0.0, "log_likelihood_per_token": 0.0, "perplexity_relative": 0.0, "entropy": 0.0,
+             "token_count": 0.0}  # fmt: skip
     for rows, name in zip(reference, names, strict=True):
         record = json.loads((output / "checkpoints" / f"{name}.json").read_text())
         for want, got in zip(rows, [r["metrics"] for r in record["results"]], strict=True):
-            worst["log_likelihood"] = max(worst["log_likelihood"], abs(want["log_likelihood"] - got["log_likelihood"]))
+            difference = abs(want["log_likelihood"] - got["log_likelihood"])
+            worst["log_likelihood"] = max(worst["log_likelihood"], difference)
+            per_token = difference / want["token_count"]
+            worst["log_likelihood_per_token"] = max(worst["log_likelihood_per_token"], per_token)
             relative = abs(want["perplexity"] - got["perplexity"]) / want["perplexity"]
             worst["perplexity_relative"] = max(worst["perplexity_relative"], relative)
             worst["entropy"] = max(worst["entropy"], abs(want["entropy"] - got["entropy"]))
@@ -193,15 +198,15 @@ def main() -> None:
     print(
         f"\n{len(steps)} checkpoints (base + {len(steps) - 1} LoRA) x {len(pool)} samples, {spec.name}, {args.device}"
     )
-    print(f"{'way':<24}{'seconds':>10}{'upstream/ours':>15}{'logits MB':>11}{'max |dLL|':>12}{'max rel dPPL':>14}"
+    print(f"{'way':<24}{'seconds':>10}{'upstream/ours':>15}{'logits MB':>11}{'|dLL|/token':>12}{'max rel dPPL':>14}"
           f"{'max |dH|':>11}")  # fmt: skip
     upstream_mb = result["upstream_largest_fp32_logits_mb"]
     print(f"{'upstream (per sample)':<24}{upstream_seconds:>10.1f}{1.0:>15.2f}{upstream_mb:>11.0f}")
     for row in rows:
         d = row["max_differences"]
         print(f"{'ours, batch ' + str(row['batch_size']):<24}{row['seconds']:>10.1f}{row['speedup']:>15.2f}"
-              f"{row['largest_fp32_logits_mb']:>11.0f}"
-              f"{d['log_likelihood']:>12.2e}{d['perplexity_relative']:>14.2e}{d['entropy']:>11.2e}")  # fmt: skip
+              f"{row['largest_fp32_logits_mb']:>11.0f}{d['log_likelihood_per_token']:>12.2e}"
+              f"{d['perplexity_relative']:>14.2e}{d['entropy']:>11.2e}")  # fmt: skip
     if "live_callback" in result:
         live = result["live_callback"]
         print(f"live callback: {live['scoring_seconds']:.1f} s per scoring / "
