@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "traces": ("commands.traces:traces", "top-k traces of a frozen teacher-forced pass over gold responses"),
     "calibrate": ("commands.calibrate:calibrate", "calibration grid, power-law fit and decoding configs from traces"),
     "analyze": ("commands.analyze:analyze", "rank logs merged with evaluation samples: accuracy vs rank"),
+    "dynamics": ("commands.dynamics:dynamics", "likelihood dynamics of a sample pool over every checkpoint of a run"),
+    "select": ("commands.select:select", "keep the highest / lowest / a random-likelihood answer per question"),
 }
 
 
@@ -125,7 +127,7 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False, parser_mode="yaml")  # --config FILE.yaml works
+    auto_cli(function, args=args, as_positional=False)
 
 
 def print_commands() -> None:

@@ -43,3 +43,10 @@ class ReportSteps(L.Callback):
         with open(self.path, "w") as file:
             file.write(str(trainer.global_step))
         time.sleep(self.delay)
+
+
+class AssertTrainMode(L.Callback):
+    """Fails a training step that starts with the model (or any of its layers) in eval mode."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        assert module.model.training and all(layer.training for layer in module.model.modules())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -206,7 +207,9 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
 
 
 def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
-    args = tiny_args(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    dynamics = '{"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"types": ["test"]}}'
+    args = tiny_args(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     f"--trainer.callbacks+={dynamics}")  # fmt: skip
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", *args], capture_output=True, text=True,
                             cwd=REPO, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -215,3 +218,5 @@ def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
     state = trainable_state(run / "checkpoints/last.ckpt")
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2  # 16 examples / (2 x 4)
     assert state
+    summary = json.loads((run / "dynamics/summary.json").read_text())  # rank 0 scored the pool, once per step
+    assert summary["steps"] == [0, 2] and list(summary["results_by_type"]) == ["test"]

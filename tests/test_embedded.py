@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +52,55 @@ def test_readme_main_job_on_the_embedded_model(tmp_path):
     with torch.no_grad():
         output = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
     assert tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()
+
+
+def test_selection_training_and_dynamics_on_the_embedded_model(tmp_path):
+    """select -> fit train_high.yaml with the live dynamics callback -> offline `dynamics` of the run."""
+    from commands.dynamics import dynamics
+    from tests.test_cli import run_main
+
+    questions = [("What is 12 + 30?", "12 + 30 = 42. The answer is \\boxed{42}."),
+                 ("What is 6 * 7?", "6 * 7 = 42, so the answer is \\boxed{42}.")]  # fmt: skip
+    nonsense = ["Purple elephants dance on Tuesdays.", "The sky is green. \\boxed{9}"]
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [
+        {"id": str(index), "question": question, "answer": "42", "completions": [good, bad]}
+        for index, ((question, good), bad) in enumerate(zip(questions, nonsense, strict=True))
+    ]
+    predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    selection = tmp_path / "selection"
+    assert run_main(["select", "--candidates", str(predictions), "--output_dir", str(selection)]) == 0
+    high = [json.loads(line)["output"] for line in (selection / "train_high.jsonl").read_text().splitlines()]
+    low = [json.loads(line)["output"] for line in (selection / "train_low.jsonl").read_text().splitlines()]
+    assert high == [good for _, good in questions] and low == nonsense  # the real model prefers real answers
+
+    # train_high.yaml as it is, but with a pool of short samples (the bundled GSM8K pool takes ~1 min on 2 cores).
+    pool = tmp_path / "pool.json"
+    samples = [{"input": q, "output": good, "type": "right"} for q, good in questions]
+    samples += [{"input": q, "output": bad, "type": "wrong"} for (q, _), bad in zip(questions, nonsense, strict=True)]
+    pool.write_text(json.dumps(samples))
+    config = yaml.safe_load((REPO / "configs/train_high.yaml").read_text())
+    (dynamics_callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LikelihoodDynamics")]
+    dynamics_callback["init_args"] = {"pool": str(pool)}
+    (tmp_path / "train_high.yaml").write_text(yaml.safe_dump(config))
+    command = [
+        sys.executable, str(REPO / "cli.py"), "fit",
+        "--config", str(tmp_path / "train_high.yaml"), "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
+        "--data.train_path", str(selection / "train_high.jsonl"), "--data.val_size", "1", "--data.max_length", "128",
+        "--model.init_args.generation.max_new_tokens", "4", "--export.enabled", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs/train_high/version_0"
+    live = json.loads((run / "dynamics/summary.json").read_text())
+    assert live["steps"] == [0, 1]
+    by_type = live["results_by_type"]
+    assert by_type["right"]["avg_perplexity"][0] < by_type["wrong"]["avg_perplexity"][0]
+
+    offline = dynamics(str(run), str(pool), types=["right", "wrong"])  # LoRA checkpoints swapped on one base
+    assert offline["steps"] == [0, 1] and offline["checkpoints"][1].endswith(".ckpt")
+    for name in ("right", "wrong"):
+        assert offline["results_by_type"][name]["avg_log_likelihood"] == pytest.approx(
+            by_type[name]["avg_log_likelihood"], rel=1e-4
+        )

@@ -1,0 +1,165 @@
+"""`python cli.py dynamics`: likelihood dynamics of a sample pool over every checkpoint of a run.
+
+Outputs (in `--output`, default `<folder>/dynamics_offline`): `checkpoints/<name>.json` per checkpoint (per-sample
+metrics), `summary.json` (all checkpoints, by type) and TensorBoard events in `tensorboard/`. Every file is
+written atomically; a rerun reuses every per-checkpoint file computed with the same pool and settings, so
+an interrupted run recomputes nothing already written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from callbacks.io import atomic_directory, write_json_atomic
+from lightning_modules.checkpoints import Checkpoint, CheckpointModels, discover_checkpoints, lightning_backbone
+from lightning_modules.errors import UserInputError
+from lightning_modules.likelihood import (
+    ScoringSpec,
+    build_summary,
+    load_pool,
+    scalar_tags,
+    score_pool,
+    settings_record,
+)
+from lightning_modules.loading import ModelSpec, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def dynamics(
+    folder: str,
+    pool: str,
+    model: ModelSpec | None = None,
+    scoring: ScoringSpec | None = None,
+    output: str | None = None,
+    types: list[str] | None = None,
+    device: str = "auto",
+) -> dict:
+    """Score a typed sample pool with the base model (step 0) and every checkpoint in FOLDER.
+
+    Checkpoints: HF `checkpoint-<N>/` folders (full or LoRA adapter), `epoch_<N>/` exports and Lightning
+    `*.ckpt` files (also under `checkpoints/`), in step order. A checkpoint that cannot be read (e.g. a
+    half-written folder) is named in the log and in summary.json's "skipped", and skipped; a rerun tries it again.
+
+    Args:
+        folder: the run folder holding the checkpoints.
+        pool: the sample pool, a JSON list (or JSONL) of {"instruction", "input", "output", "type"}.
+        model: the base model (step 0, and the base of adapter checkpoints); None = the backbone recorded
+            in the run (a Lightning checkpoint's hyper-parameters or an export's training_info.json).
+        scoring: prompt format, response-only or all-token scoring, batch size, head chunk size.
+        output: where the outputs go; None = FOLDER/dynamics_offline (the live callback writes FOLDER/dynamics).
+        types: score only these sample types (None = all).
+        device: cpu, cuda, or auto (cuda when available).
+    """
+    scoring = scoring or ScoringSpec()
+    samples = load_pool(pool, types)
+    discovery = discover_checkpoints(folder)
+    for problem in discovery.problems:
+        log.warning("skipped %s: %s", problem["checkpoint"], problem["reason"])
+    backbone = model or recorded_backbone(discovery.checkpoints, folder)
+    out = Path(output) if output else Path(folder) / "dynamics_offline"
+    settings = {**settings_record(scoring, samples), "base_model": backbone.name}
+    header = {
+        "model_folder": str(folder),
+        "base_model": asdict(backbone),
+        "pool": str(pool),
+        "settings": settings,
+        "skipped": discovery.problems,
+    }
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models, tokenizer = CheckpointModels(backbone, device), load_tokenizer(backbone)
+    records = []
+    for checkpoint in tqdm(discovery.checkpoints, desc="checkpoints"):
+        path = out / "checkpoints" / f"{checkpoint.name}.json"
+        record = reusable_record(path, settings, checkpoint)
+        if record is None:
+            try:
+                record = score_checkpoint(models, tokenizer, checkpoint, samples, scoring, settings)
+            except UserInputError as error:
+                log.warning("skipped %s: %s", checkpoint.name, error)
+                header["skipped"].append({"checkpoint": checkpoint.name, "reason": str(error)})
+                continue
+            write_json_atomic(path, record)
+        records.append(record)
+        write_json_atomic(out / "summary.json", build_summary(records, header))
+        write_events(out / "tensorboard", records)
+    summary = build_summary(records, header)
+    write_json_atomic(out / "summary.json", summary)
+    print(f"Dynamics of {len(records)} checkpoints: {out / 'summary.json'}\nTensorBoard: tensorboard --logdir {out}")
+    return summary
+
+
+def recorded_backbone(checkpoints: list[Checkpoint], folder: str) -> ModelSpec:
+    """The backbone a run recorded: in a Lightning checkpoint or an export's training_info.json."""
+    for checkpoint in checkpoints:
+        if checkpoint.kind == "lightning" and (backbone := lightning_backbone(checkpoint.path)) is not None:
+            return backbone
+        if checkpoint.kind == "export":
+            info = json.loads((checkpoint.path / "training_info.json").read_text())
+            if "backbone" in info:
+                return ModelSpec(**info["backbone"])
+    raise UserInputError(f"{folder}: no backbone recorded in its checkpoints; give the base model with --model.name")
+
+
+def checkpoint_stamp(checkpoint: Checkpoint) -> list | None:
+    """Size and modification time of a checkpoint's files: a checkpoint written again is scored again."""
+    if checkpoint.path is None:
+        return None
+    files = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.path.iterdir())
+    return [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()]
+
+
+def reusable_record(path: Path, settings: dict, checkpoint: Checkpoint) -> dict | None:
+    """A per-checkpoint result already written with the same settings from the same files, or None."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = record.get("settings") == settings and record.get("stamp") == checkpoint_stamp(checkpoint)
+    return record if same else None
+
+
+def score_checkpoint(
+    models: CheckpointModels, tokenizer, checkpoint: Checkpoint, samples, scoring: ScoringSpec, settings: dict
+) -> dict:
+    """One checkpoint's per-checkpoint record; any failure to load it is one UserInputError naming it."""
+    start = time.perf_counter()
+    try:
+        with models.model(checkpoint) as model:
+            results = score_pool(model, tokenizer, samples, scoring, progress=checkpoint.name)
+    except UserInputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a truncated weight file fails in many ways; one line
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise UserInputError(f"{checkpoint.name}: could not be loaded or scored ({message})") from None
+    return {
+        "checkpoint": checkpoint.name,
+        "step": checkpoint.step,
+        "path": str(checkpoint.path) if checkpoint.path else None,
+        "settings": settings,
+        "stamp": checkpoint_stamp(checkpoint),
+        "seconds": round(time.perf_counter() - start, 3),
+        "results": results,
+    }
+
+
+def write_events(logdir: Path, records: list[dict]) -> None:
+    """TensorBoard events of every record (dynamics/<type>/<metric> at each step), replaced atomically."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with atomic_directory(logdir) as staging:
+        writer = SummaryWriter(str(staging))
+        for record in sorted(records, key=lambda record: record["step"]):
+            for tag, value in scalar_tags(record).items():
+                writer.add_scalar(tag, value, record["step"])
+        writer.close()

@@ -1,0 +1,186 @@
+"""A training run's checkpoints, found and loaded for evaluation (likelihood dynamics, benchmarks).
+
+Found in a folder: HF `checkpoint-<N>/` folders (HF Trainer, LLaMA-Factory; full or adapter), our
+`epoch_<N>/` exports (step from their training_info.json) and our Lightning `*.ckpt` files (in the folder
+or its `checkpoints/`), sorted by step as an integer; the base model is step 0. One checkpoint per step
+(a Lightning checkpoint first, then an export or HF folder: the same weights). Something that looks like
+a checkpoint but cannot be read is reported by name (`Discovery.problems`) instead of being used.
+
+Loaded by `CheckpointModels`: adapter checkpoints (LoRA/QLoRA) are swapped into ONE loaded base model;
+full-weight checkpoints are loaded with `finetune.load_finetuned_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, get_peft_model
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from lightning_modules.errors import UserInputError
+from lightning_modules.finetune import LoraSpec, load_finetuned_model
+from lightning_modules.loading import ModelSpec, load_model
+
+BASE_NAME = "base_model"
+KIND_ORDER = {"lightning": 0, "export": 1, "hf": 2}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    """How outputs name it: base_model, checkpoint-555, epoch_1, epoch0-step8.ckpt."""
+    step: int
+    path: Path | None
+    """None for the base model."""
+    kind: str
+    """base, hf, export or lightning."""
+
+
+@dataclass
+class Discovery:
+    checkpoints: list[Checkpoint]
+    problems: list[dict] = field(default_factory=list)
+    """[{"checkpoint", "reason"}]: what looked like a checkpoint but was not used."""
+
+
+def discover_checkpoints(folder: str | Path) -> Discovery:
+    """The checkpoints in `folder` sorted by step (base model first, step 0)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(f"checkpoint folder '{folder}' does not exist")
+    found, problems = [], []
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name)):
+                _check_model_folder(path)
+                found.append(Checkpoint(path.name, int(match.group(1)), path, "hf"))
+            elif path.is_dir() and re.fullmatch(r"epoch_\d+", path.name):
+                _check_model_folder(path)
+                found.append(Checkpoint(path.name, _export_step(path), path, "export"))
+        except UserInputError as error:
+            problems.append({"checkpoint": path.name, "reason": str(error)})
+    ckpt_files = {path.resolve(): path for path in [*folder.glob("*.ckpt"), *folder.glob("checkpoints/*.ckpt")]}
+    for resolved, path in sorted(ckpt_files.items(), key=lambda item: item[1].name):
+        try:
+            found.append(Checkpoint(resolved.name, _lightning_step(resolved), resolved, "lightning"))
+        except UserInputError as error:
+            problems.append({"checkpoint": path.name, "reason": str(error)})
+    if not found and not problems:
+        raise UserInputError(
+            f"no checkpoints in '{folder}' (looked for checkpoint-<N>/, epoch_<N>/, *.ckpt and checkpoints/*.ckpt)"
+        )
+    by_step: dict[int, Checkpoint] = {}
+    for checkpoint in sorted(found, key=lambda c: (c.step, KIND_ORDER[c.kind], c.name)):
+        by_step.setdefault(checkpoint.step, checkpoint)
+    base = Checkpoint(BASE_NAME, 0, None, "base")
+    return Discovery([base, *(c for step, c in sorted(by_step.items()) if step != 0)], problems)
+
+
+def _check_model_folder(path: Path) -> None:
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserInputError(f"{path.name}: holds neither config.json nor adapter_config.json (incomplete?)")
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    if not weights:
+        raise UserInputError(f"{path.name}: holds no weights (*.safetensors / *.bin)")
+
+
+def _export_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / "training_info.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserInputError(f"{path.name}: no readable training_info.json with its global_step") from None
+
+
+def _lightning_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception as error:  # noqa: BLE001 - a truncated file fails in many ways; report one line
+        raise UserInputError(f"{path.name}: unreadable Lightning checkpoint ({type(error).__name__})") from None
+
+
+def lightning_backbone(path: Path) -> ModelSpec | None:
+    """The backbone a Lightning checkpoint of CausalLMFineTuner was trained on (from its hyper-parameters)."""
+    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    backbone = hparams.get("backbone")
+    return ModelSpec(**backbone) if isinstance(backbone, dict) else backbone
+
+
+class CheckpointModels:
+    """Models for scoring, in eval mode on `device`: the base model, adapter checkpoints swapped into it,
+    or a full checkpoint loaded on its own (released after use)."""
+
+    def __init__(self, backbone: ModelSpec, device: str | torch.device = "cpu") -> None:
+        self.backbone = replace(backbone, quantization=None, gradient_checkpointing=False)
+        self.device = torch.device(device)
+        self._base: PreTrainedModel | None = None
+        self._peft = None
+        self._lora_key: tuple | None = None
+
+    def _base_model(self) -> PreTrainedModel:
+        if self._base is None:
+            self._base = load_model(self.backbone).requires_grad_(False).to(self.device).eval()
+        return self._base
+
+    @contextmanager
+    def model(self, checkpoint: Checkpoint) -> Iterator[PreTrainedModel]:
+        if checkpoint.kind == "base":
+            base = self._base_model()
+            if self._peft is None:
+                yield base
+            else:
+                with self._peft.disable_adapter():
+                    yield self._peft
+            return
+        adapter = self._adapter_of(checkpoint)
+        if adapter is not None:
+            yield self._swap_in(checkpoint.name, *adapter)
+            return
+        model = load_finetuned_model(self.backbone, str(checkpoint.path)).requires_grad_(False).to(self.device)
+        try:
+            yield model.eval()
+        finally:
+            del model
+
+    def _adapter_of(self, checkpoint: Checkpoint) -> tuple[LoraConfig, dict, bool] | None:
+        """(config, weights, weights in PEFT's saved format) of an adapter checkpoint; None for full weights."""
+        path = checkpoint.path
+        if checkpoint.kind == "lightning":
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            hparams = saved.get("hyper_parameters", {})
+            if hparams.get("mode") == "full":
+                return None
+            weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
+            return LoraSpec(**hparams.get("lora", {})).to_config(), weights, False
+        if not (path / "adapter_config.json").is_file():
+            return None
+        config = PeftConfig.from_pretrained(str(path))
+        if not isinstance(config, LoraConfig):
+            raise UserInputError(f"{checkpoint.name}: a {type(config).__name__} adapter; only LoRA is supported")
+        return config, load_peft_weights(str(path), device="cpu"), True
+
+    def _swap_in(self, name: str, config: LoraConfig, weights: dict, saved_format: bool):
+        key = (config.r, config.lora_alpha, tuple(sorted(config.target_modules or [])), config.use_rslora)
+        if self._peft is None or key != self._lora_key:
+            base = self._peft.unload() if self._peft is not None else self._base_model()
+            with torch.random.fork_rng(devices=[]):  # adapter init draws random numbers
+                self._peft = get_peft_model(base, replace(config, inference_mode=True)).to(self.device)
+            self._lora_key = key
+        if saved_format:
+            result = set_peft_model_state_dict(self._peft, weights)
+        else:
+            result = self._peft.load_state_dict(weights, strict=False)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if result.unexpected_keys or missing:
+            example = sorted(result.unexpected_keys or missing)[0]
+            raise UserInputError(
+                f"{name} does not match model {self.backbone.name}: {len(result.unexpected_keys)} unexpected and "
+                f"{len(missing)} missing adapter weights, e.g. '{example}'"
+            )
+        return self._peft.eval()
