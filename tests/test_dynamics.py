@@ -256,3 +256,22 @@ def test_bad_candidates_are_named_by_line(tmp_path, capsys):
     path.write_text(json.dumps({"question": "q", "completions": ["a"]}) + "\n" + json.dumps({"question": "q"}) + "\n")
     assert run_main(["select", "--candidates", str(path)]) == 2
     assert "predictions.jsonl:2: needs 'completions'" in capsys.readouterr().err
+
+
+def test_generated_solutions_feed_the_selection(tiny_llama, tmp_path):
+    """configs/generate_solutions.yaml (predict with repeats) writes what `select` reads."""
+    args = ["predict", "--config", str(REPO / "configs/generate_solutions.yaml"),
+            "--model.init_args.backbone.name", str(tiny_llama), "--data.test_limit", "3",
+            "--model.init_args.generation.max_new_tokens", "6", "--model.init_args.generation.repeats", "3",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert run_main(args) == 0
+    predictions = tmp_path / "runs/generate_solutions/version_0/predictions.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(row["completions"]) == 3 for row in rows)
+    out = tmp_path / "selection"
+    args = ["select", "--candidates", str(predictions), "--model.name", str(tiny_llama), "--output_dir", str(out)]
+    assert run_main(args) == 0
+    for name in ("high", "low", "rand"):
+        chosen = [json.loads(line) for line in (out / f"train_{name}.jsonl").read_text().splitlines()]
+        assert all(row["output"] in rows[i]["completions"] for i, row in enumerate(chosen))
