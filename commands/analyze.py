@@ -14,11 +14,11 @@ merged by (id, sample), never by position. Analyses (printed, analysis.json, PNG
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from callbacks.io import atomic_path, write_json_atomic
+from datamodules.tasks import read_json_records
 from lightning_modules.errors import UserInputError
 from lightning_modules.sampling_metrics import majority_vote
 
@@ -27,29 +27,11 @@ MEAN_BINS = [(1.0, 1.0, "1"), (1.0, 1.5, "(1, 1.5]"), (1.5, 2.0, "(1.5, 2]"), (2
 MAX_BINS = [(1, 1, "1"), (2, 2, "2"), (3, 3, "3"), (4, 5, "4-5"), (6, 10, "6-10"), (11, 10**9, ">10")]
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-empty line; one clear error for a missing file or a bad line."""
-    if not path.is_file():
-        raise UserInputError(f"{path}: file not found")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserInputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise UserInputError(f"{path}:{number}: expected a JSON object")
-            records.append((number, record))
-    if not records:
-        raise UserInputError(f"{path}: no records (the file is empty)")
-    return records
-
-
 def merge(samples: Path, ranks: Path, log: str) -> list[dict]:
     """One entry per sequence: id, sample, prediction, correct and its logged ranks (matched by id and sample)."""
     sequences = {}
-    for number, row in read_jsonl(samples):
+    rows, places = read_json_records(samples)
+    for place, row in zip(places, rows, strict=True):
         try:
             predictions = row["predictions"] if "predictions" in row else [row["prediction"]]
             correct = row["samples_correct"] if "samples_correct" in row else [row["correct"]]
@@ -57,17 +39,18 @@ def merge(samples: Path, ranks: Path, log: str) -> list[dict]:
                 sequences[(str(row["id"]), sample)] = {"id": str(row["id"]), "sample": sample,
                                                        "prediction": prediction, "correct": bool(right)}  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
-            raise UserInputError(f"{samples}:{number}: not an evaluation sample row ({error})") from None
+            raise UserInputError(f"{place}: not an evaluation sample row ({error})") from None
     key = f"{log}_ranks"
-    for number, line in read_jsonl(ranks):
+    lines, places = read_json_records(ranks)
+    for place, line in zip(places, lines, strict=True):
         where = (str(line.get("id")), line.get("sample", 0))
         if where not in sequences:
-            raise UserInputError(f"{ranks}:{number}: id {where[0]!r} sample {where[1]} is not in {samples}")
+            raise UserInputError(f"{place}: id {where[0]!r} sample {where[1]} is not in {samples}")
         values = line.get(key)
         if not isinstance(values, list) or not all(isinstance(v, int) and v >= 1 for v in values):
-            raise UserInputError(f"{ranks}:{number}: '{key}' must be a list of ranks >= 1")
+            raise UserInputError(f"{place}: '{key}' must be a list of ranks >= 1")
         if "ranks" in sequences[where]:
-            raise UserInputError(f"{ranks}:{number}: id {where[0]!r} sample {where[1]} appears twice")
+            raise UserInputError(f"{place}: id {where[0]!r} sample {where[1]} appears twice")
         sequences[where]["ranks"] = values
     missing = [where for where, sequence in sequences.items() if "ranks" not in sequence]
     if missing:
