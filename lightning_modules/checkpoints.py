@@ -154,7 +154,7 @@ class CheckpointModels:
         if checkpoint.kind == "lightning":
             saved = torch.load(path, map_location="cpu", weights_only=True)
             hparams = saved.get("hyper_parameters", {})
-            if hparams.get("mode") == "full":
+            if hparams.get("mode") not in ("lora", "qlora"):  # full weights, or planning-token rows to merge
                 return None
             weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
             return LoraSpec(**hparams.get("lora", {})).to_config(), weights, False
