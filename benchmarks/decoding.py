@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import machine, timed  # noqa: E402
 
 from callbacks.io import write_json_atomic  # noqa: E402
 from commands.traces import write_traces  # noqa: E402
@@ -57,12 +57,6 @@ def plain_pass(model, pad_id: int, features: list[dict], batch_size: int) -> flo
         for chunk in teacher_forced_chunks(model, batch["input_ids"], batch["attention_mask"], scored):
             total += float(chunk.log_probs.gather(-1, chunk.targets[:, None]).sum())
     return total
-
-
-def timed(function, *args) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = function(*args)
-    return time.perf_counter() - start, result
 
 
 def main() -> None:
@@ -138,7 +132,7 @@ def main() -> None:
         "rank_log_overhead_ms_per_token": per_token_ms["plain_with_rank_log"] - per_token_ms["plain"],
         "all_knobs": {key: value for key, value in vars(ALL_KNOBS).items() if value is not None},
         "targets": {"trace_dump_ratio": "<= 1.10"},
-        "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()},
+        "machine": machine(),
     }
     print(f"\n{'arm':<34}{'wall':>10}{'ratio':>10}")
     print(f"{'plain teacher-forced pass':<34}{plain_s:>9.2f}s{1:>10.3f}")

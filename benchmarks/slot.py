@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import machine, timed  # noqa: E402
 
 from callbacks.io import write_json_atomic  # noqa: E402
 from datamodules.batching import pad_sequences  # noqa: E402
@@ -50,12 +50,6 @@ def run_slot(model, tokenizer, head, prompts, spec, iters: int) -> list[str]:
 
 def run_baseline(model, tokenizer, prompts, spec) -> list[str]:
     return generate(model, tokenizer, *left_padded(prompts, tokenizer.pad_token_id), spec)
-
-
-def timed(function, *args) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = function(*args)
-    return time.perf_counter() - start, result
 
 
 def main() -> None:
@@ -133,7 +127,7 @@ def main() -> None:
         "slot_fixed_cost_per_question_s": (slot_s - baseline_s) / len(prompts),
         "same_completions_batched_vs_batch1": sum(a == b for a, b in zip(single_answers, batched_answers, strict=True)),
         "targets": {"slot_overhead_ratio": "<= 1.03", "batching_speedup": ">= 3"},
-        "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()},
+        "machine": machine(),
     }
     rows = [
         ("baseline, batch 1", f"{baseline_s:.1f} s", f"{len(prompts) / baseline_s:.3f}", "1.000"),
