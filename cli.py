@@ -23,9 +23,9 @@ from callbacks.planning_report import PlanningReport
 from callbacks.run_summary import RunSummary
 from callbacks.samples import SampleWriter
 from callbacks.slurm import SlurmRequeue
-from datamodules.planning import PlanningSpec
+from core.errors import ReasoningLabError, UserInputError
 from datamodules.reasoning import ReasoningDataModule
-from lightning_modules.errors import ReasoningLabError, UserInputError
+from tasks.planning import PlanningSpec
 
 RUNS_DIR = "runs"
 

@@ -23,16 +23,17 @@ sys.path.insert(0, str(REPO))
 
 from common import machine, timed  # noqa: E402
 
-from callbacks.io import write_json_atomic  # noqa: E402
 from commands.traces import write_traces  # noqa: E402
-from datamodules.batching import collate, pad_sequences  # noqa: E402
-from datamodules.prompts import PromptFormatter, PromptSpec  # noqa: E402
-from datamodules.tasks import TASKS, load_examples  # noqa: E402
-from lightning_modules.decoding import DecodingSpec  # noqa: E402
-from lightning_modules.generation import GenerationSpec, generate  # noqa: E402
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from lightning_modules.rank_log import RankLogSpec, RankRecorder  # noqa: E402
-from lightning_modules.teacher_forcing import teacher_forced_chunks  # noqa: E402
+from core.io import write_json_atomic  # noqa: E402
+from core.tensors import pad_sequences  # noqa: E402
+from datamodules.batching import collate  # noqa: E402
+from evaluation.decoding import DecodingSpec  # noqa: E402
+from evaluation.generation import GenerationSpec, generate  # noqa: E402
+from evaluation.rank_log import RankLogSpec, RankRecorder  # noqa: E402
+from evaluation.teacher_forcing import teacher_forced_chunks  # noqa: E402
+from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from tasks.examples import TASKS, load_examples  # noqa: E402
+from tasks.prompts import PromptFormatter, PromptSpec  # noqa: E402
 
 ALL_KNOBS = DecodingSpec(
     temperature=1.0,

@@ -34,11 +34,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from callbacks.io import write_json_atomic  # noqa: E402
 from commands.dynamics import dynamics  # noqa: E402
-from datamodules.prompts import PromptFormatter  # noqa: E402
-from lightning_modules.likelihood import ScoringSpec, encode, load_pool  # noqa: E402
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from core.io import write_json_atomic  # noqa: E402
+from evaluation.likelihood import ScoringSpec, encode, load_pool  # noqa: E402
+from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from tasks.prompts import PromptFormatter  # noqa: E402
 
 POOL = REPO / "data/dynamics/pool.json"
 

@@ -24,14 +24,15 @@ sys.path.insert(0, str(REPO))
 
 from common import machine, timed  # noqa: E402
 
-from callbacks.io import write_json_atomic  # noqa: E402
+from core.io import write_json_atomic  # noqa: E402
 from datamodules.batching import pad_sequences  # noqa: E402
-from datamodules.prompts import PromptFormatter, PromptSpec  # noqa: E402
-from datamodules.scoring import get_answer_format  # noqa: E402
-from datamodules.tasks import TASKS, load_examples  # noqa: E402
-from lightning_modules.generation import GenerationSpec, generate  # noqa: E402
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from lightning_modules.slot import OutputHead, cache_copy, head_input_hook, optimise_deltas, prefill  # noqa: E402
+from evaluation.generation import GenerationSpec, generate  # noqa: E402
+from evaluation.slot import cache_copy, head_input_hook, optimise_deltas, prefill  # noqa: E402
+from models.head import OutputHead  # noqa: E402
+from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from tasks.examples import TASKS, load_examples  # noqa: E402
+from tasks.prompts import PromptFormatter, PromptSpec  # noqa: E402
+from tasks.scoring import get_answer_format  # noqa: E402
 
 SLOT_CONFIG = REPO / "configs/slot.yaml"  # the protocol's system prompt is read from the experiment config
 

@@ -32,8 +32,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from datamodules.batching import EpochSeededRandomSampler, collate  # noqa: E402
 from datamodules.reasoning import ReasoningDataModule  # noqa: E402
-from lightning_modules.finetune import CausalLMFineTuner, LoraSpec  # noqa: E402
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from lightning_modules.finetune import CausalLMFineTuner  # noqa: E402
+from models.adapters import LoraSpec  # noqa: E402
+from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
 LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate

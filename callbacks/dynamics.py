@@ -17,10 +17,10 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.io import run_directory, write_json_atomic
-from datamodules.prompts import PromptSpec
-from datamodules.tasks import DATA_DIR
-from lightning_modules.likelihood import ScoringSpec, build_summary, load_pool, scalar_tags, score_pool, settings_record
+from core.io import run_directory, write_json_atomic
+from evaluation.likelihood import ScoringSpec, build_summary, load_pool, scalar_tags, score_pool, settings_record
+from tasks.examples import DATA_DIR
+from tasks.prompts import PromptSpec
 
 BUNDLED_POOL = DATA_DIR / "dynamics/pool.json"
 

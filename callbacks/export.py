@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.io import atomic_directory, run_directory, write_json_atomic
-from lightning_modules.finetune import rebuild_with_adapter
+from core.io import atomic_directory, run_directory, write_json_atomic
+from models.adapters import rebuild_with_adapter
 
 
 class EpochExport(L.Callback):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.io import run_directory, write_json_atomic
+from core.io import run_directory, write_json_atomic
 
 SPLITS = {"val": "validation", "test": "test"}
 

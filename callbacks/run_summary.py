@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.export import EpochExport
-from callbacks.io import run_directory
+from core.io import run_directory
 
 
 def export_directory(trainer: L.Trainer, run_dir: Path) -> Path:

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.io import run_directory, write_json_atomic, write_jsonl_atomic
-from lightning_modules.sampling_metrics import mean_metrics
+from core.io import run_directory, write_json_atomic, write_jsonl_atomic
+from evaluation.sampling_metrics import mean_metrics
 
 
 class SampleWriter(L.Callback):

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from callbacks.io import atomic_path, write_json_atomic
-from datamodules.tasks import read_json_records
-from lightning_modules.errors import UserInputError
-from lightning_modules.sampling_metrics import majority_vote
+from core.errors import UserInputError
+from core.io import atomic_path, write_json_atomic
+from core.records import read_json_records
+from evaluation.sampling_metrics import majority_vote
 
 MEAN_BINS = [(1.0, 1.0, "1"), (1.0, 1.5, "(1, 1.5]"), (1.5, 2.0, "(1.5, 2]"), (2.0, 3.0, "(2, 3]"),
              (3.0, 5.0, "(3, 5]"), (5.0, 10.0, "(5, 10]"), (10.0, float("inf"), ">10")]  # fmt: skip

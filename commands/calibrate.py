@@ -20,10 +20,10 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from callbacks.io import atomic_path, write_json_atomic, write_text_atomic
 from commands.traces import open_text
-from lightning_modules.decoding import DecodingSpec
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
+from core.io import atomic_path, write_json_atomic, write_text_atomic
+from evaluation.decoding import DecodingSpec
 
 BINS = [f"({b / 10:.1f}, {(b + 1) / 10:.1f}]" for b in range(10)]
 

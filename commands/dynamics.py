@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from callbacks.io import atomic_directory, write_json_atomic
-from lightning_modules.checkpoints import Checkpoint, CheckpointModels, discover_checkpoints, lightning_backbone
-from lightning_modules.errors import UserInputError
-from lightning_modules.likelihood import (
+from core.errors import UserInputError
+from core.io import atomic_directory, write_json_atomic
+from evaluation.likelihood import (
     ScoringSpec,
     build_summary,
     load_pool,
@@ -28,7 +27,8 @@ from lightning_modules.likelihood import (
     score_pool,
     settings_record,
 )
-from lightning_modules.loading import ModelSpec, load_tokenizer
+from models.checkpoints import Checkpoint, CheckpointModels, discover_checkpoints, lightning_backbone
+from models.loading import ModelSpec, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from callbacks.io import write_json_atomic, write_text_atomic
-from datamodules.tasks import get_task
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
+from core.io import write_json_atomic, write_text_atomic
+from tasks.examples import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 INSPECT_TASK = REPO / "integrations" / "inspect_task.py"

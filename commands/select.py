@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from callbacks.io import write_json_atomic, write_jsonl_atomic
-from datamodules.tasks import TASKS, read_json_records
-from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import load_finetuned_model
-from lightning_modules.likelihood import ScoringSpec, score_texts
-from lightning_modules.loading import ModelSpec, load_tokenizer
+from core.errors import UserInputError
+from core.io import write_json_atomic, write_jsonl_atomic
+from core.records import read_json_records
+from evaluation.likelihood import ScoringSpec, score_texts
+from models.loader import load_finetuned_model
+from models.loading import ModelSpec, load_tokenizer
+from tasks.examples import TASKS
 
 SEED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

@@ -1,6 +1,6 @@
 """`python cli.py traces`: top-k traces of a frozen model over a dataset's gold responses (calibration input).
 
-One teacher-forced pass per batch (lightning_modules/teacher_forcing.py): for every response token, the gold
+One teacher-forced pass per batch (evaluation/teacher_forcing.py): for every response token, the gold
 token id and the model's k most likely next tokens with their probabilities. One JSONL line per scored
 position, examples in order, positions left to right:
     {"gt": 1234, "top_ids": [1234, 17, ...], "top_probs": ["0.93210000", "0.02130000", ...]}
@@ -17,14 +17,14 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from callbacks.io import atomic_path
+from core.errors import UserInputError
+from core.io import atomic_path
 from datamodules.batching import collate
-from datamodules.prompts import PromptFormatter, PromptSpec
-from datamodules.tasks import get_task, load_examples
-from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import load_finetuned_model
-from lightning_modules.loading import ModelSpec, load_tokenizer
-from lightning_modules.teacher_forcing import teacher_forced_chunks
+from evaluation.teacher_forcing import teacher_forced_chunks
+from models.loader import load_finetuned_model
+from models.loading import ModelSpec, load_tokenizer
+from tasks.examples import get_task, load_examples
+from tasks.prompts import PromptFormatter, PromptSpec
 
 
 def open_text(path: Path, mode: str, name: Path | None = None) -> io.TextIOBase:

@@ -1,4 +1,4 @@
-"""Batching: padding, length-grouped batch sampling, and the collate function."""
+"""Batching: length-grouped batch sampling, and the collate function."""
 
 from __future__ import annotations
 
@@ -7,17 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
-
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
-    """Stack int sequences into a [batch, longest] tensor, padding on the `side` given."""
-    longest = max(len(sequence) for sequence in sequences)
-    out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        if side == "right":
-            out[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        else:
-            out[row, longest - len(sequence) :] = torch.as_tensor(sequence, dtype=torch.long)
-    return out
+from core.tensors import pad_sequences
 
 
 class EpochSeededRandomSampler(RandomSampler):

@@ -13,13 +13,14 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from core.errors import UserInputError
 from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, ResumingDataLoader, collate
-from datamodules.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
-from datamodules.prompts import PromptFormatter, PromptSpec
-from datamodules.scoring import get_answer_format
-from datamodules.step_types import StepTyper, annotate_steps
-from datamodules.tasks import Example, get_task, load_examples
-from lightning_modules.errors import UserInputError
+from models.loading import ModelSpec, cache_dir, load_model, load_tokenizer
+from tasks.examples import Example, get_task, load_examples
+from tasks.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
+from tasks.prompts import PromptFormatter, PromptSpec
+from tasks.scoring import get_answer_format
+from tasks.step_types import StepTyper, annotate_steps
 
 log = logging.getLogger(__name__)
 # Lightning warns that a mid-epoch resume repeats data unless the loader is stateful; train_dataloader()
@@ -139,11 +140,24 @@ class ReasoningDataModule(LightningDataModule):
             name: [(e.id, e.question, split_steps(e.response, task)) for e in split] for name, split in splits.items()
         }
         try:
-            self.typer, types = annotate_steps(self.planning, fit_on, items, self.hparams.seed, self.typer)
+            self.typer, types = annotate_steps(
+                self.planning,
+                fit_on,
+                items,
+                cache_dir() / "planning",
+                self._step_embedder,
+                self.hparams.seed,
+                self.typer,
+            )
         except ValueError as error:
             raise UserInputError(f"model.planning ({self.planning.method}): {error}") from None
         for split_types in types.values():
             self.step_types.update(split_types)
+
+    def _step_embedder(self) -> tuple:
+        """The (model, tokenizer) whose hidden states embed reasoning steps for kmeans / vae step types."""
+        spec = ModelSpec(name=self.planning.embedding_model or "")
+        return load_model(spec).eval(), load_tokenizer(spec)
 
     def state_dict(self) -> dict:
         """The fitted step typer (kmeans / vae), saved in checkpoints so evaluation reuses it."""

@@ -6,7 +6,7 @@
 The task arguments (`-T key=value` or a `--task-config` YAML file, which `cli.py scaffold` writes so that
 templates with braces or colons survive inspect's YAML parsing of `-T` values) are those of `reasoning`
 below. Questions are read with the project's own task readers, the prompt is the training template and
-system prompt, and completions are scored by `datamodules.scoring` exactly as `cli.py test` scores them.
+system prompt, and completions are scored by `tasks.scoring` exactly as `cli.py test` scores them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from inspect_ai.model import ChatMessageSystem, ChatMessageUser
 from inspect_ai.scorer import CORRECT, INCORRECT, Score, Target, accuracy, scorer, stderr
 from inspect_ai.solver import TaskState, generate
 
-from datamodules.scoring import score_completion
-from datamodules.tasks import get_task, load_examples
+from tasks.examples import get_task, load_examples
+from tasks.scoring import score_completion
 
 
 @task
@@ -64,7 +64,7 @@ def reasoning(
 
 @scorer(metrics=[accuracy(), stderr()])
 def answer_scorer(answer_format: str):
-    """Correct when the answer extracted from the completion matches the gold answer (datamodules.scoring)."""
+    """Correct when the answer extracted from the completion matches the gold answer (tasks.scoring)."""
 
     async def score(state: TaskState, target: Target) -> Score:
         completion = state.output.completion

@@ -6,58 +6,29 @@ checkpoints hold only the trainable weights; side effects (exports, sample table
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import AutoTokenizer, PreTrainedModel
 
-from datamodules.planning import CLUSTER_METHODS, PlanningSpec
-from datamodules.scoring import score_completion
-from lightning_modules.errors import TrainingStopped, UserInputError
-from lightning_modules.generation import GenerationSpec, generate
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
-from lightning_modules.rank_log import RankLogSpec, RankRecorder
-from lightning_modules.sampling_metrics import majority_vote, question_metrics
-from lightning_modules.vocabulary import (
+from core.errors import TrainingStopped, UserInputError
+from evaluation.generation import GenerationSpec, generate
+from evaluation.rank_log import RankLogSpec, RankRecorder
+from evaluation.sampling_metrics import majority_vote, question_metrics
+from models.adapters import LoraSpec, build_trainable_model
+from models.loading import ModelSpec, load_model, load_tokenizer
+from models.vocabulary import (
     add_tokens,
-    prompt_tuning_config,
-    resize_and_initialise,
-    trainable_token_targets,
 )
+from tasks.planning import CLUSTER_METHODS, PlanningSpec
+from tasks.scoring import score_completion
 
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
 TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
-
-
-@dataclass
-class LoraSpec:
-    """LoRA adapter settings (modes lora, qlora and their +prompt-tuning variants)."""
-
-    r: int = 16
-    """Rank of the update matrices."""
-    alpha: int = 16
-    """Scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    """Module names to adapt: the MLP by default; add q_proj, k_proj, v_proj, o_proj for attention."""
-
-    def to_config(self, trainable_token_indices: dict[str, list[int]] | None = None) -> LoraConfig:
-        return LoraConfig(
-            task_type="CAUSAL_LM",
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            trainable_token_indices=trainable_token_indices,
-        )
 
 
 class CausalLMFineTuner(LightningModule):
@@ -263,89 +234,3 @@ class CausalLMFineTuner(LightningModule):
                 f"the checkpoint does not match this model (backbone {self.backbone.name}, mode {self.mode}): "
                 f"{len(unexpected)} unexpected and {len(missing)} missing weights, e.g. '{example}'"
             )
-
-
-def build_trainable_model(
-    model: PreTrainedModel, tokenizer, mode: str, lora: LoraSpec, planning: PlanningSpec, new_tokens: set[str]
-) -> PreTrainedModel | PeftModel:
-    """`model` with room for the planning tokens (rows of `new_tokens` initialised from their key words) and
-    wrapped for `mode`: LoRA adapters and/or PEFT trainable tokens (only the planning rows train)."""
-    key_tokens, words = planning.key_tokens(), {key: planning.init_word(key) for key in planning.key_tokens()}
-    ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens)
-    if mode in ("lora", "qlora"):
-        return get_peft_model(model, lora.to_config())
-    if mode in ("lora+prompt-tuning", "qlora+prompt-tuning"):
-        return get_peft_model(model, lora.to_config(trainable_token_targets(model, ids)))
-    if mode == "prompt-tuning":
-        return get_peft_model(model, prompt_tuning_config(model, ids))
-    return model
-
-
-def rebuild_with_adapter(
-    backbone: ModelSpec,
-    lora: LoraSpec,
-    adapter: dict,
-    source: str,
-    mode: str = "lora",
-    planning: PlanningSpec | None = None,
-) -> PeftModel:
-    """The unquantised `backbone` on the CPU, wrapped for `mode` (LoRA and/or planning-token rows) and holding
-    the trained `adapter` weights (keys as in the PEFT model). One path for exports and evaluation, LoRA and
-    QLoRA (merging into 4-bit weights would lose precision) and FSDP-gathered weights; what does not fit is
-    named in one line."""
-    planning = planning or PlanningSpec()
-    mode = mode.replace("qlora", "lora")
-    tokenizer = load_tokenizer(backbone)
-    new_tokens = set(add_tokens(tokenizer, planning.tokens()))
-    base = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
-    peft_model = build_trainable_model(base, tokenizer, mode, lora, planning, new_tokens)
-    try:
-        result = peft_model.load_state_dict(adapter, strict=False)
-    except RuntimeError as error:  # shapes differ
-        raise UserInputError(
-            f"{source} does not match model {backbone.name}: {str(error).splitlines()[-1].strip()}"
-        ) from None
-    missing = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad} - set(adapter)
-    if result.unexpected_keys or missing:
-        example = sorted(result.unexpected_keys or missing)[0]
-        raise UserInputError(
-            f"{source} does not match model {backbone.name} with its {mode} settings: "
-            f"{len(result.unexpected_keys)} unexpected and {len(missing)} missing adapter weights, e.g. '{example}'"
-        )
-    return peft_model
-
-
-def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> PreTrainedModel:
-    """The model to evaluate: `backbone` itself; an `epoch_N/` export (full folder, or adapter folder on
-    top of `backbone`, resized to the export's tokenizer); or a Lightning checkpoint of CausalLMFineTuner on
-    `backbone` (adapters and planning-token rows merged; use the run's export for the matching tokenizer)."""
-    if checkpoint is None:
-        return load_model(backbone)
-    path = Path(checkpoint)
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            base = load_model(backbone)
-            vocabulary = len(AutoTokenizer.from_pretrained(path))  # an adapter folder holds the run's tokenizer
-            if base.get_input_embeddings().weight.shape[0] < vocabulary:  # planning tokens were added
-                base.resize_token_embeddings(vocabulary, mean_resizing=False)
-            return PeftModel.from_pretrained(base, path).merge_and_unload()
-        return load_model(replace(backbone, name=str(path)))
-    if not path.is_file():
-        raise UserInputError(f"checkpoint '{path}' does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = saved.get("hyper_parameters", {})
-    weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
-    planning = PlanningSpec(**hparams.get("planning") or {})
-    if hparams.get("mode") != "full":
-        lora = LoraSpec(**hparams.get("lora", {}))
-        peft_model = rebuild_with_adapter(backbone, lora, weights, f"checkpoint '{path}'", hparams["mode"], planning)
-        return peft_model.merge_and_unload()
-    model = load_model(backbone)
-    tokenizer = load_tokenizer(backbone)
-    new_tokens = set(add_tokens(tokenizer, planning.tokens()))
-    build_trainable_model(model, tokenizer, "full", LoraSpec(), planning, new_tokens)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise UserInputError(f"checkpoint '{path}' does not match model {backbone.name}: {error}") from None
-    return model

@@ -12,12 +12,13 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from datamodules.scoring import score_completion
-from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import load_finetuned_model
-from lightning_modules.generation import GenerationSpec, generate
-from lightning_modules.loading import ModelSpec, load_tokenizer
-from lightning_modules.slot import OutputHead, SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
+from core.errors import UserInputError
+from evaluation.generation import GenerationSpec, generate
+from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
+from models.head import OutputHead
+from models.loader import load_finetuned_model
+from models.loading import ModelSpec, load_tokenizer
+from tasks.scoring import score_completion
 
 R1_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
 

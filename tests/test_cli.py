@@ -13,11 +13,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli, main
-from datamodules.planning import PlanningSpec
-from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import CausalLMFineTuner, LoraSpec, load_finetuned_model
-from lightning_modules.generation import GenerationSpec, generate
-from lightning_modules.loading import ModelSpec
+from core.errors import UserInputError
+from evaluation.generation import GenerationSpec, generate
+from lightning_modules.finetune import CausalLMFineTuner
+from models.adapters import LoraSpec
+from models.loader import load_finetuned_model
+from models.loading import ModelSpec
+from tasks.planning import PlanningSpec
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND_CONFIGS = {"calibrate.yaml"}  # settings of companion commands, tested with their command

@@ -7,11 +7,12 @@ import json
 import pytest
 from torch.utils.data import SequentialSampler
 
-from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, pad_sequences
-from datamodules.prompts import PromptFormatter, PromptSpec
+from core.errors import UserInputError
+from core.tensors import pad_sequences
+from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler
 from datamodules.reasoning import ReasoningDataModule
-from datamodules.tasks import TASKS, load_examples
-from lightning_modules.errors import UserInputError
+from tasks.examples import TASKS, load_examples
+from tasks.prompts import PromptFormatter, PromptSpec
 
 
 def write_lines(path, lines):

@@ -16,15 +16,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from lightning_modules.decoding import (
+from core.errors import UserInputError
+from evaluation.decoding import (
     NEUTRAL_SAMPLING,
     CorrectnessFirstProcessor,
     DecodingSpec,
     edt_temperature,
     logits_processors,
 )
-from lightning_modules.errors import UserInputError
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
+from models.loading import ModelSpec, load_model, load_tokenizer
 
 # Six tokens; probabilities by token id. By rank: 0.40 (id 1), 0.25 (id 3), 0.15 (id 4), 0.10 (id 0),
 # 0.06 (id 5), 0.04 (id 2). cumsum by rank: 0.40, 0.65, 0.80, 0.90, 0.96, 1.00.

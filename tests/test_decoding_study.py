@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli
 from commands.calibrate import calibrate
-from datamodules.prompts import PromptFormatter, PromptSpec
-from datamodules.tasks import TASKS, load_examples
-from lightning_modules.decoding import DecodingSpec
-from lightning_modules.generation import GenerationSpec, generate
-from lightning_modules.rank_log import RankLogSpec, RankRecorder
-from lightning_modules.sampling_metrics import majority_vote, pass_at_k, question_metrics
+from evaluation.decoding import DecodingSpec
+from evaluation.generation import GenerationSpec, generate
+from evaluation.rank_log import RankLogSpec, RankRecorder
+from evaluation.sampling_metrics import majority_vote, pass_at_k, question_metrics
+from tasks.examples import TASKS, load_examples
+from tasks.prompts import PromptFormatter, PromptSpec
 from tests.test_cli import run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_majority_vote_over_the_first_k_samples():
 
 
 def test_repeats_need_sampling():
-    from lightning_modules.errors import UserInputError
+    from core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="repeats > 1 needs sampling"):
         GenerationSpec(repeats=4)
@@ -339,7 +339,7 @@ def test_decoding_study_traces_and_calibration_on_the_embedded_model(tmp_path):
 
 
 def test_gsm8k_scoring_reads_the_few_shot_answer_sentence():
-    from datamodules.scoring import score_completion
+    from tasks.scoring import score_completion
 
     completion = "She sold 48/2 = 24 in May, so 48 + 24 = 72 in all. The answer is 72."
     assert score_completion("gsm8k", completion, "72") == ("72", True)

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import commands.dynamics
 from commands.dynamics import dynamics
-from lightning_modules.checkpoints import CheckpointModels, discover_checkpoints
-from lightning_modules.errors import UserInputError
-from lightning_modules.likelihood import ScoringSpec, load_pool, score_pool
-from lightning_modules.loading import ModelSpec
+from core.errors import UserInputError
+from evaluation.likelihood import ScoringSpec, load_pool, score_pool
+from models.checkpoints import CheckpointModels, discover_checkpoints
+from models.loading import ModelSpec
 from tests.test_cli import REPO, run_dir, run_main, tiny_args
 
 POOL = [

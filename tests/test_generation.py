@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.batching import pad_sequences
-from lightning_modules.decoding import DecodingSpec
-from lightning_modules.errors import UserInputError
-from lightning_modules.generation import GenerationSpec, cut_at_stop, generate
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
+from core.errors import UserInputError
+from core.tensors import pad_sequences
+from evaluation.decoding import DecodingSpec
+from evaluation.generation import GenerationSpec, cut_at_stop, generate
+from models.loading import ModelSpec, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from datamodules.prompts import PromptFormatter, PromptSpec
-from lightning_modules.errors import UserInputError
-from lightning_modules.likelihood import PoolSample, ScoringSpec, build_summary, load_pool, score_pool
-from lightning_modules.loading import ModelSpec, resolve_model_path
+from core.errors import UserInputError
+from evaluation.likelihood import PoolSample, ScoringSpec, build_summary, load_pool, score_pool
+from models.loading import ModelSpec, resolve_model_path
+from tasks.prompts import PromptFormatter, PromptSpec
 from tests.conftest import build_tiny_model
 
 POOL = [

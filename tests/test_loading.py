@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.errors import UserInputError
-from lightning_modules.loading import ALIASES, ModelSpec, load_model, load_tokenizer, resolve_model_path
+from core.errors import UserInputError
+from models.loading import ALIASES, ModelSpec, load_model, load_tokenizer, resolve_model_path
 
 
 def test_unknown_name_fails_in_one_line_listing_the_aliases():

@@ -13,16 +13,17 @@ from test_cli import REPO, run_main, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli
-from datamodules.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
-from datamodules.prompts import PromptSpec
+from core.errors import UserInputError
 from datamodules.reasoning import ReasoningDataModule
-from datamodules.scoring import score_completion
-from datamodules.step_types import StepTyper
-from datamodules.tasks import TASKS, load_examples
-from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import CausalLMFineTuner, load_finetuned_model
-from lightning_modules.generation import GenerationSpec, generate
-from lightning_modules.loading import ModelSpec
+from evaluation.generation import GenerationSpec, generate
+from lightning_modules.finetune import CausalLMFineTuner
+from models.loader import load_finetuned_model
+from models.loading import ModelSpec
+from tasks.examples import TASKS, load_examples
+from tasks.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
+from tasks.prompts import PromptSpec
+from tasks.scoring import score_completion
+from tasks.step_types import StepTyper
 
 ARITHMETIC = PlanningSpec(method="arithmetic", n_prefix=2, n_special=1)
 

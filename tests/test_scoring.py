@@ -1,4 +1,4 @@
-"""Tests for datamodules.scoring: the bundled gold solutions score 100 %, and every extraction rule works."""
+"""Tests for tasks.scoring: the bundled gold solutions score 100 %, and every extraction rule works."""
 
 import json
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.scoring import (
+from tasks.scoring import (
     ANSWER_FORMATS,
     AnswerFormat,
     extract_aqua,

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from conftest import save_tiny
 
-from datamodules.batching import pad_sequences
-from lightning_modules.errors import UserInputError
-from lightning_modules.generation import GenerationSpec, generate
-from lightning_modules.loading import ModelSpec, load_model, load_tokenizer
-from lightning_modules.slot import OutputHead, SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
+from core.errors import UserInputError
+from core.tensors import pad_sequences
+from evaluation.generation import GenerationSpec, generate
+from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
+from models.head import OutputHead
+from models.loading import ModelSpec, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import datamodules.step_types as step_types
-from datamodules.planning import PlanningSpec
+import datamodules.reasoning as reasoning
+from core.errors import UserInputError
 from datamodules.reasoning import ReasoningDataModule
-from datamodules.step_types import StepTyper, StepVAE, embed_steps, vae_loss
-from lightning_modules.errors import UserInputError
 from lightning_modules.finetune import CausalLMFineTuner
-from lightning_modules.loading import ModelSpec, load_model
+from models.loading import ModelSpec, load_model
+from tasks.planning import PlanningSpec
+from tasks.step_types import StepTyper, StepVAE, embed_steps, vae_loss
 
 K = 3
 
@@ -85,12 +85,12 @@ def test_annotation_is_cached_and_the_typer_travels_in_the_checkpoint(tiny_llama
     def no_model(*args, **kwargs):
         raise AssertionError("the embedding model was loaded again")
 
-    monkeypatch.setattr(step_types, "load_model", no_model)
+    monkeypatch.setattr(reasoning, "load_model", no_model)
     second = datamodule(tiny_llama, "kmeans")
     second.setup("fit")  # from the cache: no embedding model, no fitting
     assert second.step_types == first.step_types
 
-    monkeypatch.setattr(step_types, "load_model", load_model)  # the test split needs embeddings...
+    monkeypatch.setattr(reasoning, "load_model", load_model)  # the test split needs embeddings...
     monkeypatch.setattr(StepTyper, "fit", no_model)  # ...but the typer must come from the checkpoint state
     restored = datamodule(tiny_llama, "kmeans", cache=False)
     restored.load_state_dict(state)  # before setup, as `test --ckpt_path` restores it after setup

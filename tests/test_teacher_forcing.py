@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lightning_modules.teacher_forcing import teacher_forced_chunks
+from evaluation.teacher_forcing import teacher_forced_chunks
 from tests.conftest import build_tiny_model
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
 
 
 @dataclass

@@ -12,7 +12,7 @@ from peft import TrainableTokensConfig
 from tokenizers import AddedToken
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
 
 
 def add_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[str]:

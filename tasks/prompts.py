@@ -13,7 +13,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
 
 
 @dataclass

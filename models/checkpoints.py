@@ -24,9 +24,10 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
-from lightning_modules.errors import UserInputError
-from lightning_modules.finetune import LoraSpec, load_finetuned_model
-from lightning_modules.loading import ModelSpec, load_model
+from core.errors import UserInputError
+from models.adapters import LoraSpec
+from models.loader import load_finetuned_model
+from models.loading import ModelSpec, load_model
 
 BASE_NAME = "base_model"
 KIND_ORDER = {"lightning": 0, "export": 1, "hf": 2}

@@ -18,9 +18,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_modules.decoding import DecodingSpec, logits_processors
-from lightning_modules.errors import UserInputError
-from lightning_modules.rank_log import RankRecorder
+from core.errors import UserInputError
+from evaluation.decoding import DecodingSpec, logits_processors
+from evaluation.rank_log import RankRecorder
 
 
 @dataclass
@@ -34,7 +34,7 @@ class GenerationSpec:
     decoding: DecodingSpec = field(default_factory=lambda: DecodingSpec(temperature=0.0))
     """How each token is chosen: temperature 0 = greedy (the default); every sampling knob (top_k, top_p,
     min_p, epsilon/eta, greedy_threshold, dynamic_top_k, EDT, confidence bins, calibrated cut-offs) is in
-    lightning_modules/decoding.py."""
+    evaluation/decoding.py."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings; the completion is cut before the first one (EOS always stops)."""
     repeats: int = 1

@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
 
 NEUTRAL_SAMPLING = {
     "do_sample": True,

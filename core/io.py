@@ -9,8 +9,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import lightning as L
+from typing import Any
 
 
 def _umask() -> int:
@@ -61,7 +60,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_directory(trainer: L.Trainer) -> Path:
+def run_directory(trainer: Any) -> Path:
     """The run's log directory. Call it on EVERY rank: under DDP `trainer.log_dir` is a broadcast."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from lightning_modules.slot import OutputHead
+from models.head import OutputHead
 
 
 @dataclass

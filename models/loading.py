@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ tokenised `datasets.Dataset` either way.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
+from core.records import read_json_records
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -94,40 +94,6 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UserInputError(f"data.task: unknown task '{name}'; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def read_json_records(path: Path) -> tuple[list[dict], list[str]]:
-    """Records of a .jsonl (one object a line) or .json (a list of objects) file, and where each is.
-
-    The second list names each record's place ("file:line" or "file item N") for later errors.
-    """
-    if not path.is_file():
-        raise UserInputError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserInputError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise UserInputError(f"{path}: expected a JSON list of objects")
-        places = [f"{path} item {index}" for index in range(len(records))]
-    else:
-        records, places = [], []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserInputError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise UserInputError(f"{path}:{line_number}: expected a JSON object")
-            records.append(record)
-            places.append(f"{path}:{line_number}")
-    if not records:
-        raise UserInputError(f"{path}: no records (the file is empty)")
-    return records, places
 
 
 def load_examples(task: Task, source: str | None, split: str, hub_subset: str | None = None) -> list[Example]:

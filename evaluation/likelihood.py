@@ -22,11 +22,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from datamodules.batching import pad_sequences
-from datamodules.prompts import PromptFormatter, PromptSpec
-from datamodules.tasks import TASKS, read_json_records
-from lightning_modules.errors import UserInputError
-from lightning_modules.teacher_forcing import teacher_forced_chunks
+from core.errors import UserInputError
+from core.records import read_json_records
+from core.tensors import pad_sequences
+from evaluation.teacher_forcing import teacher_forced_chunks
+from tasks.examples import TASKS
+from tasks.prompts import PromptFormatter, PromptSpec
 
 METRICS = ("log_likelihood", "perplexity", "token_count", "entropy")
 

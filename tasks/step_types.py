@@ -12,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from callbacks.io import write_json_atomic
-from datamodules.planning import PlanningSpec
-from lightning_modules.loading import ModelSpec, cache_dir, load_model, load_tokenizer
+from core.io import write_json_atomic
+from tasks.planning import PlanningSpec
 
 log = logging.getLogger(__name__)
 VAE_HIDDEN, VAE_CODE = 512, 64
@@ -130,14 +131,17 @@ def annotate_steps(
     spec: PlanningSpec,
     train: list[tuple[str, list[str]]],
     splits: dict[str, list[tuple[str, str, list[str]]]],
+    cache_folder: Path,
+    load_embedder: Callable[[], tuple],
     seed: int = 0,
     typer: StepTyper | None = None,
 ) -> tuple[StepTyper, dict[str, dict[str, list[int]]]]:
     """(typer, split -> example id -> type of each step). `train` = (question, steps) the typer is fitted on
-    (skipped when `typer` is given); `splits` = name -> [(id, question, steps)] to type. The typer is cached
-    under `cache_dir()/planning/` keyed by training data, method and embedding model; each split's types
+    (skipped when `typer` is given); `splits` = name -> [(id, question, steps)] to type; `load_embedder()`
+    gives the (model, tokenizer) that embeds steps (called only when something must be embedded). The typer
+    is cached under `cache_folder` keyed by training data, method and embedding model; each split's types
     keyed by the typer, the embedding model and the split's steps."""
-    folder = cache_dir() / "planning" / _fingerprint(spec, train, seed)
+    folder = cache_folder / _fingerprint(spec, train, seed)
     model = tokenizer = None
     memo: dict[str, torch.Tensor] = {}  # the training steps are embedded once, for fitting and for typing
 
@@ -148,8 +152,7 @@ def annotate_steps(
             key = json.dumps([question, steps])
             if key not in memo:
                 if model is None:
-                    model_spec = ModelSpec(name=spec.embedding_model or "")
-                    model, tokenizer = load_model(model_spec).eval(), load_tokenizer(model_spec)
+                    model, tokenizer = load_embedder()
                 memo[key] = embed_steps(model, tokenizer, question, steps)
             rows.append(memo[key])
         return rows
@@ -173,7 +176,7 @@ def annotate_steps(
     types = {}
     for name, items in splits.items():
         digest = hashlib.sha256(json.dumps([typer_digest.hexdigest(), spec.embedding_model, items]).encode())
-        path = cache_dir() / "planning" / "types" / f"{name}_{digest.hexdigest()[:16]}.json"
+        path = cache_folder / "types" / f"{name}_{digest.hexdigest()[:16]}.json"
         if spec.cache and path.is_file():
             types[name] = json.loads(path.read_text())
             continue

@@ -4,7 +4,7 @@
 `answer`, `assignment` plus the operator keys, cluster labels or `memory`/`reason`; key k owns tokens
 `<k_0> ... <k_{m-1}>` (m = n_prefix for `prefix`, n_special otherwise). This module also splits gold
 solutions into steps, types the steps (arithmetic operators or memory/reason tags; k-means / VAE
-labels come from `datamodules.step_types`) and writes the planned target text:
+labels come from `tasks.step_types`) and writes the planned target text:
 
     "<prefix_0>..<prefix_{n-1}><type_0>..<type_{m-1}> step.\n" per step, then
     "<prefix_0>..<answer_0>.. The answer is: ANS\n".
@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from lightning_modules.errors import UserInputError
+from core.errors import UserInputError
 
 METHODS = ("none", "arithmetic", "kmeans", "vae", "vae-next-step", "vae-contrastive", "memory-reason")
 CLUSTER_METHODS = ("kmeans", "vae", "vae-next-step", "vae-contrastive")
