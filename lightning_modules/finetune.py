@@ -69,8 +69,9 @@ class CausalLMFineTuner(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        # evaluation knobs are kept out of the hparams that `--ckpt_path` re-applies over the config
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log"])
+        # evaluation knobs and the loss kernel (a compute choice: a liger-trained checkpoint evaluates on a CPU) are
+        # kept out of the hparams that `--ckpt_path` re-applies over the config
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log", "loss"])
         backbone = backbone or ModelSpec()
         if mode.startswith("qlora") and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
+from cli import build_cli
 from core.errors import UserInputError
 from datamodules.batching import collate, pack_collate, pack_rows
 from evaluation.teacher_forcing import response_loss
@@ -21,6 +23,7 @@ from models.loading import ModelSpec
 from tests.conftest import build_tiny_model
 
 VOCAB = 512
+REPO = Path(__file__).resolve().parents[1]
 
 
 def features(lengths: list[tuple[int, int]], seed: int = 1) -> list[dict]:
@@ -238,3 +241,15 @@ def test_loss_liger_on_a_cpu_run_stops_before_loading_anything(tiny_llama, fake_
     with pytest.raises(UserInputError, match="needs the liger-kernel package"):
         module.configure_model()
     assert module.model is None and fake_liger == []
+
+
+def test_the_loss_and_packing_switches_are_config_keys(capsys) -> None:
+    args = ["fit", "--config", str(REPO / "configs/planning_gsm8k.yaml"), "--print_config"]
+    with pytest.raises(SystemExit):
+        build_cli([*args, "--model.init_args.loss", "hf", "--data.packing", "true"])
+    out = capsys.readouterr().out
+    assert "loss: hf" in out and "packing: true" in out
+    with pytest.raises(SystemExit):
+        build_cli(args)
+    out = capsys.readouterr().out
+    assert "loss: chunked" in out and "packing: false" in out  # the defaults
