@@ -172,7 +172,7 @@ def plain(value: object) -> object:
 
 def is_launching_process() -> bool:
     """False in the extra processes of a multi-process run (DDP children, SLURM tasks other than rank 0)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def logger_run_dir(trainer) -> Path | None:
@@ -186,6 +186,8 @@ def check_new_run(config: Namespace) -> None:
     refused unless it resumes (--ckpt_path, or Lightning's own hpc checkpoint) or --overwrite_run starts over."""
     logger = config.trainer.logger
     if not isinstance(logger, Namespace) or not logger.get("init_args") or logger.init_args.get("version") is None:
+        return
+    if not is_launching_process():  # the other processes of a DDP run start after the first made the directory
         return
     args = logger.init_args
     version = args.version if isinstance(args.version, str) else f"version_{args.version}"
@@ -201,8 +203,7 @@ def check_new_run(config: Namespace) -> None:
         )
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise UserInputError(f"--overwrite_run: '{run_dir}' holds the working directory; refusing to remove it")
-    if is_launching_process():
-        shutil.rmtree(run_dir)
+    shutil.rmtree(run_dir)
 
 
 def planning_of(model: LightningModule) -> PlanningSpec | None:

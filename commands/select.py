@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserInputError
-from core.io import write_json_atomic, write_jsonl_atomic
+from core.io import check_output_folder, write_json_atomic, write_jsonl_atomic
 from core.records import read_json_records
 from evaluation.likelihood import ScoringSpec, score_texts
 from models.loader import load_finetuned_model
@@ -90,6 +90,7 @@ def select(
         device: cpu, cuda, or auto (cuda when available).
     """
     model, scoring = model or ModelSpec(), scoring or ScoringSpec()
+    check_output_folder(output_dir, "select --output_dir")
     groups = read_candidates(candidates, instruction)
     pairs, owners, empty = [], [], 0
     for index, group in enumerate(groups):

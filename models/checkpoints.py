@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
+from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
 from models.adapters import LoraSpec
 from models.loader import load_finetuned_model
@@ -101,14 +102,14 @@ def _export_step(path: Path) -> int:
 
 def _lightning_step(path: Path) -> int:
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception as error:  # noqa: BLE001 - a truncated file fails in many ways; report one line
-        raise UserInputError(f"{path.name}: unreadable Lightning checkpoint ({type(error).__name__})") from None
+        return int(read_checkpoint(path)["global_step"])
+    except (KeyError, TypeError, ValueError):
+        raise UserInputError(f"{path.name}: not a Lightning checkpoint (no global_step)") from None
 
 
 def lightning_backbone(path: Path) -> ModelSpec | None:
     """The backbone a Lightning checkpoint of CausalLMFineTuner was trained on (from its hyper-parameters)."""
-    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    hparams = read_checkpoint(path).get("hyper_parameters", {})
     backbone = hparams.get("backbone")
     return ModelSpec(**backbone) if isinstance(backbone, dict) else backbone
 
@@ -153,7 +154,7 @@ class CheckpointModels:
         """(config, weights, weights in PEFT's saved format) of an adapter checkpoint; None for full weights."""
         path = checkpoint.path
         if checkpoint.kind == "lightning":
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = read_checkpoint(path)
             hparams = saved.get("hyper_parameters", {})
             if hparams.get("mode") not in ("lora", "qlora"):  # full weights, or planning-token rows to merge
                 return None

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel
 
+from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
 from models.adapters import LoraSpec, build_trainable_model, rebuild_with_adapter
 from models.loading import ModelSpec, load_model, load_tokenizer
@@ -31,9 +31,7 @@ def load_finetuned_model(backbone: ModelSpec, checkpoint: str | None = None) -> 
                 base.resize_token_embeddings(vocabulary, mean_resizing=False)
             return PeftModel.from_pretrained(base, path).merge_and_unload()
         return load_model(replace(backbone, name=str(path)))
-    if not path.is_file():
-        raise UserInputError(f"checkpoint '{path}' does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(path)
     hparams = saved.get("hyper_parameters", {})
     weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
     planning = PlanningSpec(**hparams.get("planning") or {})
