@@ -53,6 +53,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class ReasoningLabCLI(LightningCLI):
+    """LightningCLI with the project's links and its bad-input rules: one-line parse errors, `--ckpt_path`
+    read safely before Lightning touches it, no new fit mixed into an existing run directory, and no empty
+    run directory left by a run that bad input stopped."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(EpochExport, "export")
         parser.add_argument(
