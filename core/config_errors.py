@@ -28,6 +28,7 @@ PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 UNKNOWN_OPTION = re.compile(r"Option '([^']+)' is not accepted")
 UNKNOWN_IN_GROUP = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
+UNKNOWN_IN_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
 MAX_LISTED = 20  # valid keys listed in full up to this many
 UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 
@@ -52,8 +53,12 @@ def one_line(message: str, options: list[str] | None = None) -> str:
     keys, owner = _place(ancestors)
     if match := UNKNOWN_OPTION.fullmatch(leaf):
         return _unknown([*keys, match.group(1)], _parameters(owner))
+    if match := UNKNOWN_IN_SUBCOMMAND.fullmatch(leaf):
+        return _unknown_option(match.group(1).split("."), options or [])
     if match := UNKNOWN_IN_GROUP.fullmatch(leaf):
         group, name = match.groups()
+        if owner is None:
+            return _unknown_option([*group.split("."), name], options or [])
         return _unknown([*keys, group, name], _parameters(_field_type(owner, group)))
     if match := UNRECOGNIZED.fullmatch(leaf):
         given = next((token for token in match.group(1).split() if token.startswith("--")), None)

@@ -191,14 +191,26 @@ def test_truncated_gzip_traces(tmp_path, capsys):
             "error: unknown key 'model.init_args.planing': did you mean 'planning'? (model.init_args takes: "
             "backbone, mode, lora, planning, generation, rank_log, optimizer, scheduler)",
         ),
+        (
+            ["--model.init_args.generation.decoding.top_kk", "3"],
+            "error: unknown key 'model.init_args.generation.decoding.top_kk': did you mean 'top_k' or 'top_p'?",
+        ),
         (["--data.batch_sise", "4"], "error: unknown key 'data.batch_sise': did you mean 'batch_size' or"),
+        (
+            ["--config", "TRAINER_YAML"],
+            "error: unknown key 'trainer.max_epochz': did you mean 'max_epochs' or 'min_epochs' or 'max_steps'?",
+        ),
     ],
-    ids=["cli-lora-rank", "yaml-lora-rr", "decoding-dict", "planing", "data-top-level"],
+    ids=["cli-lora-rank", "yaml-lora-rr", "decoding-dict", "planing", "decoding-dotted", "data", "yaml-trainer"],
 )
 def test_misspelt_key_is_one_line_with_neighbours(extra, expected, tiny_llama, tmp_path, capsys):
-    config = tmp_path / "rr.yaml"
-    config.write_text(yaml.safe_dump({"model": {"init_args": {"lora": {"rr": 8}}}}))
-    extra = [str(config) if arg == "LORA_RR_YAML" else arg for arg in extra]
+    configs = {
+        "LORA_RR_YAML": {"model": {"init_args": {"lora": {"rr": 8}}}},
+        "TRAINER_YAML": {"trainer": {"max_epochz": 3}},
+    }
+    for name, content in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(content))
+    extra = [str(tmp_path / f"{arg}.yaml") if arg in configs else arg for arg in extra]
     line = error_line(["fit", *tiny_args(tiny_llama, tmp_path / "runs", *extra)], capsys)
     assert line.startswith(expected)
     assert not (tmp_path / "runs").exists()
