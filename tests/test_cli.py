@@ -17,7 +17,7 @@ from core.errors import UserInputError
 from evaluation.generation import GenerationSpec, generate
 from lightning_modules.finetune import CausalLMFineTuner
 from models.adapters import LoraSpec
-from models.loader import load_finetuned_model
+from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.planning import PlanningSpec
 
@@ -160,7 +160,7 @@ def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
     base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(export)))  # the planning tokens' rows
     model = PeftModel.from_pretrained(base, export).eval()
     module = build_module_from(tiny_llama, run_dir(tmp_path) / "checkpoints/last.ckpt")
-    merged = load_finetuned_model(ModelSpec(name=str(tiny_llama)), str(export)).eval()  # resizes the base itself
+    merged = load_trained(ModelSpec(name=str(tiny_llama)), str(export)).model  # resizes the base itself
     ids = torch.tensor([[5, 17, 42, 99, 3, 512, 513, 514, 520]])  # ending in planning tokens
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)

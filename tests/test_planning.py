@@ -17,7 +17,7 @@ from core.errors import UserInputError
 from datamodules.reasoning import ReasoningDataModule
 from evaluation.generation import GenerationSpec, generate
 from lightning_modules.finetune import CausalLMFineTuner
-from models.loader import load_finetuned_model
+from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.examples import TASKS, load_examples
 from tasks.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
@@ -204,7 +204,7 @@ def test_prompt_tuning_fit_export_reload_gives_the_same_generations(tiny_qwen2_o
     tokenizer = AutoTokenizer.from_pretrained(run / "epoch_0")
     assert len(tokenizer) == 527 and tokenizer.convert_tokens_to_ids("<prefix_0>") == 512
     checkpoint = str(run / "checkpoints/last.ckpt")
-    from_checkpoint = load_finetuned_model(ModelSpec(name=str(tiny_qwen2_oversized)), checkpoint)
+    from_checkpoint = load_trained(ModelSpec(name=str(tiny_qwen2_oversized)), checkpoint).model
     prompt = tokenizer("Question: 2+3?\nAnswer: <prefix_0><prefix_1><prefix_2>", return_tensors="pt")
     spec = GenerationSpec(max_new_tokens=12)
     models = (exported, from_checkpoint.eval())

@@ -168,7 +168,7 @@ def slot_cli(model: str, save_dir: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def read_arms(save_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
-    folder = next((save_dir / "slot").glob("version_*/samples/test_step0"))
+    folder = next((save_dir / "slot").glob("version_*/samples/test_step*[0-9]"))
     summary = json.loads((folder / "summary.json").read_text())
     logs = {
         arm: [json.loads(line) for line in (folder / f"{arm}.jsonl").read_text().splitlines()]
