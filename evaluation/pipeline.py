@@ -8,6 +8,9 @@ appends `PlanningSpec.eval_prefix()`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,15 +36,19 @@ def evaluate_batch(
     `answer`, `answer_format`, optional `position`). `generation.repeats` = n samples per question give the
     majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample."""
     recorder = RankRecorder(rank_log) if rank_log is not None else None
-    completions = generate(
-        model,
-        tokenizer,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        generation,
-        past_key_values=past_key_values,
-        rank_recorder=recorder,
-    )
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if not generation.decoding.greedy:
+            torch.manual_seed(batch_seed(generation.seed, batch["id"]))
+        completions = generate(
+            model,
+            tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            generation,
+            past_key_values=past_key_values,
+            rank_recorder=recorder,
+        )
     planning = planning or PlanningSpec()
     n, rows = generation.repeats, []
     positions = batch.get("position") or [0] * len(batch["id"])
@@ -74,6 +81,12 @@ def evaluate_batch(
             )
         )
     return rows
+
+
+def batch_seed(seed: int, question_ids: list[str]) -> int:
+    """A seed determined by `seed` and the batch's questions (stable across processes and runs)."""
+    digest = hashlib.sha256(json.dumps([seed, list(question_ids)]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
 
 
 def response_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

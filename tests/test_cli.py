@@ -101,6 +101,7 @@ def test_unknown_model_is_one_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2")]) == 0
@@ -152,6 +153,7 @@ def build_module_from(model_folder: Path, checkpoint: Path) -> CausalLMFineTuner
     return module.eval()
 
 
+@pytest.mark.slow
 def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
     assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--export.adapter_only", "true")]) == 0
     export = run_dir(tmp_path) / "epoch_0"
@@ -167,6 +169,7 @@ def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
         torch.testing.assert_close(merged(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
     args = tiny_args(tiny_qwen2, tmp_path, "--model.init_args.mode", "full", "--data.train_limit", "8")
     assert run_main(["fit", *args]) == 0
@@ -177,6 +180,7 @@ def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
     assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_the_model_is_rejected(tiny_llama, tmp_path):
     """`cli.py --ckpt_path` rebuilds the model from the checkpoint's own settings (LightningCLI re-applies
     its hparams); a checkpoint loaded into a module of another mode or model still fails clearly."""
@@ -197,6 +201,7 @@ def test_checkpoint_that_does_not_fit_the_model_is_rejected(tiny_llama, tmp_path
         other_rank.on_load_checkpoint(checkpoint)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path, capsys):
     poison = '{"class_path": "helpers.PoisonWeightsAtStep", "init_args": {"step": 6}}'
     code = run_main(
@@ -208,6 +213,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
     dynamics = '{"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"types": ["test"]}}'
     args = tiny_args(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",

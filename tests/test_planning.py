@@ -190,6 +190,7 @@ def test_checkpoint_with_other_planning_tokens_is_rejected_by_name(tiny_llama, t
     assert saved["planning_tokens"]["/"] == ["</_0>"]
 
 
+@pytest.mark.slow
 def test_prompt_tuning_fit_export_reload_gives_the_same_generations(tiny_qwen2_oversized, tmp_path):
     """Untied lm_head, oversized matrix: fit (prompt-tuning) -> merged export -> reload -> same greedy text."""
     args = tiny_args(
@@ -215,6 +216,7 @@ def test_prompt_tuning_fit_export_reload_gives_the_same_generations(tiny_qwen2_o
     assert torch.equal(exported.lm_head.weight[:512], base.lm_head.weight[:512])
 
 
+@pytest.mark.slow
 def test_memory_reason_config_fits_on_the_fixture(tiny_llama, tmp_path):
     args = [
         "--config", str(REPO / "configs/memory_reason_strategyqa.yaml"),
@@ -250,6 +252,7 @@ def test_every_planning_mode_overlay_stacks_and_instantiates(overlay, tiny_llama
         assert cli.model.planning.method == overlay.stem and cli.model.planning.embedding_model == str(tiny_llama)
 
 
+@pytest.mark.slow
 def test_aqua_config_with_vae_types_fits_and_tests_from_its_checkpoint(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("REASONING_LAB_CACHE", str(tmp_path / "cache"))
     args = [

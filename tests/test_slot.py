@@ -177,6 +177,7 @@ def read_arms(save_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
     return summary, logs
 
 
+@pytest.mark.slow
 def test_fine_tuned_checkpoint_and_its_export_give_the_same_answers(tiny_llama, tmp_path):
     from test_cli import run_dir, run_main, tiny_args
 
@@ -200,6 +201,7 @@ def test_fine_tuned_checkpoint_and_its_export_give_the_same_answers(tiny_llama, 
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_clear_error(tiny_llama, tmp_path):
     from test_cli import run_dir, run_main, tiny_args
 
@@ -211,6 +213,7 @@ def test_checkpoint_of_another_model_is_one_clear_error(tiny_llama, tmp_path):
     assert result.returncode == 2 and "does not match" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_empty_dataset_is_one_clear_error(tiny_llama, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -218,6 +221,7 @@ def test_empty_dataset_is_one_clear_error(tiny_llama, tmp_path):
     assert result.returncode == 2 and "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_slot_end_to_end_on_the_embedded_model(tmp_path):
     result = slot_cli(
         "smollm2-135m-instruct", tmp_path, "--data.test_limit", "3", "--data.eval_batch_size", "3",
@@ -238,6 +242,7 @@ def test_slot_end_to_end_on_the_embedded_model(tmp_path):
     assert events
 
 
+@pytest.mark.slow
 def test_math500_and_plain_prompts_work_the_same_way(tiny_llama, tmp_path):
     result = slot_cli(
         str(tiny_llama), tmp_path, "--data.task", "math", "--data.answer_format", "math", "--data.test_limit", "2",
