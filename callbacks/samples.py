@@ -10,16 +10,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.io import run_directory, write_json_atomic, write_jsonl_atomic
-from evaluation.sampling_metrics import mean_metrics
+from evaluation.summaries import arms_summary, arms_table, evaluation_summary, summary_table
 
 
 class SampleWriter(L.Callback):
     """Collects the per-question rows that evaluation steps return ({"rows": [...]}) and writes them.
 
-    - validation: `samples/val_step{step}.jsonl` and a table of `table_rows` rows in TensorBoard;
+    - validation: `samples/val_step{step}.jsonl`, a table of `table_rows` rows and the summary in TensorBoard;
     - test: `samples/test_step{step}.jsonl` plus `samples/test_step{step}_summary.json`;
     - predict: `predictions.jsonl`.
-    Rows with repeated samples carry per-question "metrics" (maj@k, pass@k): the test summary averages them.
+    The test summary (evaluation/summaries.py) gives accuracy and, with repeated samples, the mean maj@k / pass@k
+    with 95 % intervals; it is printed and goes to TensorBoard text (`test/summary`, `test/arms` for SLOT arms).
     Rows with rank logs ("ranks", one entry per sample) have them moved to `<name>_ranks.jsonl` beside the
     samples (`rank_logs.jsonl` for predict): one line per sequence {"id", "sample", "low_confidence_ranks",
     "low_probability_ranks"}, in the samples' order.
@@ -69,6 +70,7 @@ class SampleWriter(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("val/samples", markdown_table(rows[: self.table_rows]), trainer.global_step)
+        log_table(trainer, "val/summary", summary_table(evaluation_summary(rows)))
 
     def on_test_epoch_end(self, trainer, module) -> None:
         rows, run_dir = self._gathered_rows(), run_directory(trainer)
@@ -78,16 +80,14 @@ class SampleWriter(L.Callback):
         step = max(trainer.global_step, getattr(module, "checkpoint_global_step", 0))  # a loaded checkpoint's
         name = f"test_step{step}"
         if any("arm" in row for row in rows):
-            write_arms(folder / name, rows)
+            log_table(trainer, "test/arms", write_arms(folder / name, rows))
             return
         rows = write_rank_logs(folder / f"{name}_ranks.jsonl", rows)
         write_jsonl_atomic(folder / f"{name}.jsonl", rows)
-        accuracy = sum(row["correct"] for row in rows) / len(rows)
-        summary = {"questions": len(rows), "accuracy": accuracy}
-        if "completions" in rows[0]:  # repeated sampling: accuracy is the majority vote over all samples
-            summary.update(samples_per_question=len(rows[0]["completions"]), **mean_metrics(rows))
+        summary = evaluation_summary(rows)
         write_json_atomic(folder / f"{name}_summary.json", summary)
-        rank_zero_info(f"Test samples: {folder / name}.jsonl (accuracy {accuracy:.4f} on {len(rows)} questions)")
+        log_table(trainer, "test/summary", summary_table(summary))
+        rank_zero_info(f"{summary_table(summary)}\nTest samples: {folder / name}.jsonl, summary: {name}_summary.json")
 
     def on_predict_epoch_end(self, trainer, module) -> None:
         rows, run_dir = self._gathered_rows(), run_directory(trainer)
@@ -110,45 +110,26 @@ def write_rank_logs(path: Path, rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key != "ranks"} for row in rows]
 
 
-def write_arms(folder: Path, rows: list[dict]) -> None:
-    """Rows of several arms (e.g. baseline vs SLOT): `{arm}.jsonl` each, `summary.json`, a console table."""
+def write_arms(folder: Path, rows: list[dict]) -> str:
+    """Rows of several arms (e.g. baseline vs SLOT): `{arm}.jsonl` each, `summary.json`, a console table (returned)."""
     by_arm: dict[str, list[dict]] = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
     for arm, arm_rows in by_arm.items():
         write_jsonl_atomic(folder / f"{arm}.jsonl", arm_rows)
-    summary = compare_arms(by_arm)
+    summary = arms_summary(by_arm)
     write_json_atomic(folder / "summary.json", summary)
-    print(arms_table(summary) + f"\nPer-question logs and summary.json: {folder}/", flush=True)
+    table = arms_table(summary)
+    print(table + f"\nPer-question logs and summary.json: {folder}/", flush=True)
+    return table
 
 
-def compare_arms(by_arm: dict[str, list[dict]]) -> dict:
-    """Accuracy (and format accuracy / mean final loss when rows carry them) per arm, and the questions each
-    arm fixed or broke relative to the first arm (the baseline)."""
-    baseline_name = next(iter(by_arm))
-    baseline = {row["id"]: row["correct"] for row in by_arm[baseline_name]}
-    arms = {}
-    for arm, rows in by_arm.items():
-        entry = {"questions": len(rows), "accuracy": sum(row["correct"] for row in rows) / len(rows)}
-        if "format_ok" in rows[0]:
-            entry["format_accuracy"] = sum(row["format_ok"] for row in rows) / len(rows)
-        if "slot_loss" in rows[0]:
-            entry["mean_final_loss"] = sum(row["slot_loss"][-1] for row in rows) / len(rows)
-        if arm != baseline_name:
-            entry["fixed"] = sorted(row["id"] for row in rows if row["correct"] and not baseline[row["id"]])
-            entry["broken"] = sorted(row["id"] for row in rows if not row["correct"] and baseline[row["id"]])
-        arms[arm] = entry
-    return {"baseline": baseline_name, "arms": arms}
-
-
-def arms_table(summary: dict) -> str:
-    columns = ("accuracy", "format_accuracy", "mean_final_loss")
-    lines = [f"{'arm':<28}{'questions':>10}" + "".join(f"{c:>17}" for c in columns) + f"{'fixed':>7}{'broken':>8}"]
-    for arm, entry in summary["arms"].items():
-        values = "".join(f"{entry[c]:>17.4f}" if c in entry else f"{'-':>17}" for c in columns)
-        flips = f"{len(entry['fixed']):>7}{len(entry['broken']):>8}" if "fixed" in entry else f"{'-':>7}{'-':>8}"
-        lines.append(f"{arm:<28}{entry['questions']:>10}{values}{flips}")
-    return "\n".join(lines)
+def log_table(trainer, tag: str, table: str) -> None:
+    """A console table as TensorBoard text (indented: Markdown shows it as a fixed-width block)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            text = "\n".join("    " + line for line in table.splitlines())
+            logger.experiment.add_text(tag, text, trainer.global_step)
 
 
 def markdown_table(rows: list[dict]) -> str:
