@@ -183,8 +183,9 @@ def plot(path: Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(row["metric"] for row in result["rows"]))
-    figure, axes = plt.subplots(1, len(metrics), figsize=(2.5 + 1.2 * len(metrics) * len(result["inputs"]), 4.5))
-    for axis, metric in zip(figure.axes if len(metrics) > 1 else [axes], metrics, strict=True):
+    width = min(30.0, 2.5 + 1.2 * len(metrics) * len(result["inputs"]))
+    figure, _ = plt.subplots(1, len(metrics), figsize=(width, 4.5), squeeze=False)
+    for axis, metric in zip(figure.axes, metrics, strict=True):
         rows = [row for row in result["rows"] if row["metric"] == metric]
         values = [row["value"] for row in rows]
         errors = [[row["value"] - row["ci95_low"] for row in rows], [row["ci95_high"] - row["value"] for row in rows]]
