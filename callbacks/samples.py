@@ -9,17 +9,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.io import run_directory, write_json_atomic, write_jsonl_atomic
-from evaluation.rows import EvaluationRow, rows_by_arm, summarize
+from evaluation.rows import EvaluationRow, rows_by_arm
+from evaluation.summaries import arms_summary, arms_table, evaluation_summary, summary_table
 
 
 class SampleWriter(L.Callback):
     """Writes the rows of every evaluation epoch: the module's gathered `evaluation_rows` (typed rows, the same
     on every process, from which the module also logged its metrics).
 
-    - validation: `samples/val_step{step}.jsonl` and a table of `table_rows` rows in TensorBoard;
+    - validation: `samples/val_step{step}.jsonl`, a table of `table_rows` rows and the summary in TensorBoard;
     - test: `samples/test_step{step}.jsonl` plus `samples/test_step{step}_summary.json`; rows of several arms
       (SLOT) go to `samples/test_step{step}/{arm}.jsonl` plus `summary.json`;
     - predict: `predictions.jsonl`.
+    Summaries (evaluation/summaries.py) give every accuracy, maj@k and pass@k with its 95 % interval and each arm's
+    paired comparison with the baseline; they are printed and go to TensorBoard text (`test/summary`, `test/arms`).
     Rank logs (one entry per sample) go to `<name>_ranks.jsonl` beside the samples (`rank_logs.jsonl` for
     predict): one line per sequence {"id", "sample", "low_confidence_ranks", "low_probability_ranks"}, in the
     samples' order. Everything under the run's log directory, written atomically by rank 0.
@@ -38,6 +41,7 @@ class SampleWriter(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 text = markdown_table([row.record() for row in rows[: self.table_rows]])
                 logger.experiment.add_text("val/samples", text, trainer.global_step)
+        log_table(trainer, "val/summary", summary_table(evaluation_summary([row.record() for row in rows])))
 
     def on_test_end(self, trainer, module) -> None:
         rows, run_dir = getattr(module, "evaluation_rows", []), run_directory(trainer)
@@ -47,14 +51,13 @@ class SampleWriter(L.Callback):
         step = max(trainer.global_step, getattr(module, "checkpoint_global_step", 0))  # a loaded checkpoint's
         name = f"test_step{step}"
         if rows[0].arm is not None:
-            write_arms(folder / name, rows)
+            log_table(trainer, "test/arms", write_arms(folder / name, rows))
             return
         write_rows(folder / f"{name}.jsonl", folder / f"{name}_ranks.jsonl", rows)
-        summary = summarize(rows)
+        summary = evaluation_summary([row.record() for row in rows])
         write_json_atomic(folder / f"{name}_summary.json", summary)
-        rank_zero_info(
-            f"Test samples: {folder / name}.jsonl (accuracy {summary['accuracy']:.4f} on {len(rows)} questions)"
-        )
+        log_table(trainer, "test/summary", summary_table(summary))
+        rank_zero_info(f"{summary_table(summary)}\nTest samples: {folder / name}.jsonl, summary: {name}_summary.json")
 
     def on_predict_end(self, trainer, module) -> None:
         rows, run_dir = getattr(module, "evaluation_rows", []), run_directory(trainer)
@@ -70,39 +73,25 @@ def write_rows(path: Path, ranks_path: Path, rows: list[EvaluationRow]) -> None:
     write_jsonl_atomic(path, [row.record() for row in rows])
 
 
-def write_arms(folder: Path, rows: list[EvaluationRow]) -> None:
-    """Rows of several arms (e.g. baseline vs SLOT): `{arm}.jsonl` each, `summary.json`, a console table."""
-    by_arm = rows_by_arm(rows)
-    for arm, arm_rows in by_arm.items():
-        write_jsonl_atomic(folder / f"{arm}.jsonl", [row.record() for row in arm_rows])
-    summary = compare_arms(by_arm)
+def write_arms(folder: Path, rows: list[EvaluationRow]) -> str:
+    """Rows of several arms (e.g. baseline vs SLOT): `{arm}.jsonl` each, `summary.json` with each arm's paired
+    comparison to the first (the baseline), and a console table (printed and returned)."""
+    by_arm = {arm: [row.record() for row in arm_rows] for arm, arm_rows in rows_by_arm(rows).items()}
+    for arm, records in by_arm.items():
+        write_jsonl_atomic(folder / f"{arm}.jsonl", records)
+    summary = arms_summary(by_arm)
     write_json_atomic(folder / "summary.json", summary)
-    print(arms_table(summary) + f"\nPer-question logs and summary.json: {folder}/", flush=True)
+    table = arms_table(summary)
+    print(table + f"\nPer-question logs and summary.json: {folder}/", flush=True)
+    return table
 
 
-def compare_arms(by_arm: dict[str, list[EvaluationRow]]) -> dict:
-    """Each arm's summary (accuracy, format accuracy, mean final loss) and the questions it fixed or broke
-    relative to the first arm (the baseline)."""
-    baseline_name = next(iter(by_arm))
-    baseline = {row.id: row.correct for row in by_arm[baseline_name]}
-    arms = {}
-    for arm, rows in by_arm.items():
-        entry = summarize(rows)
-        if arm != baseline_name:
-            entry["fixed"] = sorted(row.id for row in rows if row.correct and not baseline[row.id])
-            entry["broken"] = sorted(row.id for row in rows if not row.correct and baseline[row.id])
-        arms[arm] = entry
-    return {"baseline": baseline_name, "arms": arms}
-
-
-def arms_table(summary: dict) -> str:
-    columns = ("accuracy", "format_accuracy", "mean_final_loss")
-    lines = [f"{'arm':<28}{'questions':>10}" + "".join(f"{c:>17}" for c in columns) + f"{'fixed':>7}{'broken':>8}"]
-    for arm, entry in summary["arms"].items():
-        values = "".join(f"{entry[c]:>17.4f}" if c in entry else f"{'-':>17}" for c in columns)
-        flips = f"{len(entry['fixed']):>7}{len(entry['broken']):>8}" if "fixed" in entry else f"{'-':>7}{'-':>8}"
-        lines.append(f"{arm:<28}{entry['questions']:>10}{values}{flips}")
-    return "\n".join(lines)
+def log_table(trainer, tag: str, table: str) -> None:
+    """A console table as TensorBoard text (indented: Markdown shows it as a fixed-width block)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            text = "\n".join("    " + line for line in table.splitlines())
+            logger.experiment.add_text(tag, text, trainer.global_step)
 
 
 def markdown_table(rows: list[dict]) -> str:

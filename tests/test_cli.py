@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from scipy.stats import binomtest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli, main
@@ -142,6 +144,12 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     assert run_main(["test", *tiny_args(tiny_llama, resumed, "--ckpt_path", "last", "--data.test_limit", "4")]) == 0
     samples = list((run / "samples").glob("test_step8.jsonl"))
     assert samples and len(samples[0].read_text().splitlines()) == 4
+    correct = sum(json.loads(line)["correct"] for line in samples[0].read_text().splitlines())
+    wilson = binomtest(correct, 4).proportion_ci(method="wilson")
+    summary = json.loads((run / "samples/test_step8_summary.json").read_text())
+    assert summary["accuracy"] == correct / 4 and summary["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
+    text_tags = EventAccumulator(str(run), size_guidance={"tensors": 0}).Reload().Tags()["tensors"]
+    assert {"val/summary/text_summary", "test/summary/text_summary"} <= set(text_tags)
 
 
 def build_module_from(model_folder: Path, checkpoint: Path) -> CausalLMFineTuner:

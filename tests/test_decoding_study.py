@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy.stats import binomtest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli
@@ -163,6 +165,15 @@ def test_repeats_report_maj_and_pass_at_k_with_aligned_rank_logs(tiny_llama, tmp
     for name in ("maj@1", "maj@2", "maj@4", "pass@1", "pass@2", "pass@4"):
         assert summary[name] == pytest.approx(sum(row["metrics"][name] for row in rows) / 3)
     assert summary["accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 3)
+    wilson = binomtest(sum(row["correct"] for row in rows), 3).proportion_ci(method="wilson")
+    assert summary["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
+    for name in ("maj@1", "maj@2", "maj@4", "pass@1", "pass@2", "pass@4"):
+        assert summary[f"{name}_ci95"][0] <= summary[name] <= summary[f"{name}_ci95"][1]
+    per_sample = [sum(row["samples_correct"][j] for row in rows) / 3 for j in range(4)]
+    assert summary["single_sample_accuracy"]["per_sample"] == pytest.approx(per_sample)
+    assert summary["single_sample_accuracy"]["mean"] == pytest.approx(summary["pass@1"])
+    events = EventAccumulator(str(samples.parent), size_guidance={"tensors": 0}).Reload()
+    assert "test/summary/text_summary" in events.Tags()["tensors"]  # the summary table as TensorBoard text
     ranks = read_jsonl(samples / "test_step0_ranks.jsonl")  # one line per sequence, in the samples' order
     assert [(line["id"], line["sample"]) for line in ranks] == [(row["id"], s) for row in rows for s in range(4)]
     assert all(1 <= len(line["low_confidence_ranks"]) <= 6 for line in ranks)  # every step logged (threshold 1)

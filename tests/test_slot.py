@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import save_tiny
+from scipy.stats import binomtest
 
 from core.errors import UserInputError
 from core.tensors import pad_sequences
 from evaluation.generation import GenerationSpec, generate
 from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
+from evaluation.statistics import NOISE
 from models.head import OutputHead
 from models.loading import ModelSpec, load_model, load_tokenizer
 
@@ -253,6 +255,15 @@ def test_math500_and_plain_prompts_work_the_same_way(tiny_llama, tmp_path):
     summary, logs = read_arms(tmp_path)
     rows = logs["log_times_5_lr_0.1"]
     assert len(rows) == 2 and all(row["prompt"].startswith("Question: ") for row in rows)
+    entry, baseline = summary["arms"]["log_times_5_lr_0.1"], logs["log_times_0_lr_0.1"]
+    wilson = binomtest(sum(row["correct"] for row in rows), 2).proportion_ci(method="wilson")
+    assert entry["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
+    fixed, broken = len(entry["fixed"]), len(entry["broken"])
+    assert (entry["vs_baseline"]["fixed"], entry["vs_baseline"]["broken"]) == (fixed, broken)
+    assert entry["vs_baseline"]["difference"] == pytest.approx((fixed - broken) / 2)
+    assert entry["vs_baseline"]["verdict"] == NOISE  # 2 questions can never be more than noise
+    assert entry["vs_baseline"]["mcnemar_p"] == 1.0 and "format_accuracy_ci95" in entry
+    assert {row["id"] for row in baseline} == {row["id"] for row in rows} and "McNemar p" in result.stdout
     assert {row["id"] for row in rows} <= {
         json.loads(line)["unique_id"] for line in (REPO / "data/math500/test.jsonl").open()
     }
