@@ -97,6 +97,20 @@ def teacher_forced_chunks(
         )
 
 
+def response_losses(
+    model: PreTrainedModel | PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed next-token cross-entropy of the labelled (response) tokens, and their count, from one
+    teacher-forced pass (no gradient; the head runs on the labelled positions only, in chunks)."""
+    sums = torch.zeros(len(input_ids), dtype=torch.float64, device=input_ids.device)
+    counts = torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
+    for chunk in teacher_forced_chunks(model, input_ids, attention_mask, labels != -100):
+        losses = -chunk.log_probs.gather(-1, chunk.targets[:, None])[:, 0]
+        sums.index_add_(0, chunk.rows, losses.double())
+        counts.index_add_(0, chunk.rows, torch.ones_like(chunk.rows))
+    return sums, counts
+
+
 def labelled_hidden_states(
     model: PreTrainedModel | PeftModel,
     input_ids: torch.Tensor,

@@ -15,10 +15,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from core.errors import TrainingStopped, UserInputError
 from evaluation.generation import GenerationSpec
-from evaluation.pipeline import evaluate_batch, response_losses
+from evaluation.pipeline import evaluate_batch
 from evaluation.rank_log import RankLogSpec
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
-from evaluation.teacher_forcing import response_loss
+from evaluation.teacher_forcing import response_loss, response_losses
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec, load_model
@@ -159,8 +159,7 @@ class CausalLMFineTuner(LightningModule):
 
     def _evaluate(self, batch: dict) -> None:
         """Rows of the batch's questions, each with the teacher-forced loss of its gold response."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sums, tokens = response_losses(logits, batch["labels"])
+        loss_sums, tokens = response_losses(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         rows = self._generate(batch)
         for row, loss_sum, count in zip(rows, loss_sums.tolist(), tokens.tolist(), strict=True):
             row.loss_sum, row.loss_tokens = loss_sum, count
