@@ -189,7 +189,7 @@ def test_truncated_gzip_traces(tmp_path, capsys):
         (
             ["--model.init_args.planing.n_prefix", "2"],
             "error: unknown key 'model.init_args.planing': did you mean 'planning'? (model.init_args takes: "
-            "backbone, mode, lora, planning, generation, rank_log, optimizer, scheduler)",
+            "backbone, mode, lora, loss, planning, generation, rank_log, optimizer, scheduler)",
         ),
         (
             ["--model.init_args.generation.decoding.top_kk", "3"],

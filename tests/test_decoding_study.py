@@ -326,6 +326,7 @@ def test_analysis_merges_by_id_and_sample_not_by_position(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- embedded model, end to end
+@pytest.mark.slow
 def test_decoding_study_traces_and_calibration_on_the_embedded_model(tmp_path):
     """The few-shot study with 4 samples per question on 2 questions, then traces -> grid -> a decoding config."""
     args = ["test", "--config", str(STUDY), "--data.test_limit", "2", "--data.eval_batch_size", "2",

@@ -125,6 +125,7 @@ class SimulatedCrash(BaseException):
     """Like a kill or Ctrl-C: not an Exception, so no error handler turns it into a skipped checkpoint."""
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_recomputes_nothing(hf_run, tiny_llama, pool, tmp_path, monkeypatch):
     spec = ModelSpec(name=str(tiny_llama))
     straight = dynamics(str(hf_run), str(pool), model=spec, output=str(tmp_path / "straight"))
@@ -263,6 +264,7 @@ def test_bad_candidates_are_named_by_line(tmp_path, capsys):
     assert "predictions.jsonl:2: needs 'completions'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generated_solutions_feed_the_selection(tiny_llama, tmp_path):
     """configs/generate_solutions.yaml (predict with repeats) writes what `select` reads."""
     args = ["predict", "--config", str(REPO / "configs/generate_solutions.yaml"),

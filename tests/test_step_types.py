@@ -44,6 +44,7 @@ def test_step_embeddings_are_conditioned_on_earlier_steps(tiny_llama):
     assert not torch.allclose(alone[0], after[1])  # causal: the same step reads differently after another one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kmeans", "vae"])
 def test_learned_types_are_k_labels_deterministic_with_a_seed(tiny_llama, method):
     first, second = datamodule(tiny_llama, method, cache=False), datamodule(tiny_llama, method, cache=False)
@@ -76,6 +77,7 @@ def test_vae_variants_train_their_own_objective():
         StepTyper.fit(PlanningSpec(method="kmeans", n_special=1, num_types=K), x[:2], successor[:2])
 
 
+@pytest.mark.slow
 def test_annotation_is_cached_and_the_typer_travels_in_the_checkpoint(tiny_llama, monkeypatch):
     first = datamodule(tiny_llama, "kmeans")
     first.setup("fit")

@@ -243,6 +243,7 @@ def test_loss_liger_on_a_cpu_run_stops_before_loading_anything(tiny_llama, fake_
     assert module.model is None and fake_liger == []
 
 
+@pytest.mark.slow
 def test_the_loss_and_packing_switches_are_config_keys(capsys) -> None:
     args = ["fit", "--config", str(REPO / "configs/planning_gsm8k.yaml"), "--print_config"]
     with pytest.raises(SystemExit):
