@@ -141,8 +141,8 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrai
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization:
+        kwargs["device_map"] = device_map or quantized_device_map(spec)
         kwargs["quantization_config"] = _bitsandbytes_config(spec)
-        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -164,12 +164,17 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrai
     return model
 
 
-def _bitsandbytes_config(spec: ModelSpec):
+def quantized_device_map(spec: ModelSpec) -> dict:
+    """Where a 4/8-bit model goes: the current CUDA device (QLoRA needs one; the one place that requires it)."""
     if not torch.cuda.is_available():
         raise UserInputError(
             f"model.quantization={spec.quantization} (QLoRA) needs a CUDA GPU and none was found; "
             "use mode: lora (unquantised) on this machine"
         )
+    return {"": torch.cuda.current_device()}
+
+
+def _bitsandbytes_config(spec: ModelSpec):
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "int8":
