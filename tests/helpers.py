@@ -6,7 +6,6 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 
 
 class PoisonWeightsAtStep(L.Callback):
@@ -51,27 +50,3 @@ class AssertTrainMode(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         assert module.model.training and all(layer.training for layer in module.model.modules())
-
-
-class CPUFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy, allowed on CPU processes (gloo): Lightning refuses exactly `FSDPStrategy` without a
-    GPU, though torch's FSDP shards CPU modules. Tests only."""
-
-
-class RecordParameterBytes(L.Callback):
-    """At fit start (after FSDP wrapped the model), writes `{path}.rank{R}.json`: the bytes of the floating tensors
-    this rank holds (its shard under FSDP), the full model's parameter count and the process's peak RSS."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_fit_start(self, trainer, module) -> None:
-        import json
-        import resource
-
-        tensors = [*module.model.parameters(), *module.model.buffers()]
-        held = sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point() and t.device.type != "meta")
-        record = {"held_bytes": held, "configure_model": getattr(module, "loaded_bytes", None),
-                  "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}  # fmt: skip
-        with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as file:
-            json.dump(record, file)

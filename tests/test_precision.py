@@ -74,7 +74,9 @@ def test_fit_test_and_slot_in_bf16_on_cpu(precision, tiny_llama, tmp_path):
     checkpoint = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert {v.dtype for v in checkpoint["state_dict"].values()} == {weights_dtype}
     assert all(torch.isfinite(v.float()).all() for v in checkpoint["state_dict"].values())
-    assert all(torch.isfinite(v).all() for v in load_file(run / "epoch_0/model.safetensors").values())
+    exported = load_file(run / "epoch_0/model.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert {v.dtype for v in exported.values()} == {weights_dtype}  # the dtype the model was trained in
 
     test = build_cli(["test", *tiny_args(tiny_llama, tmp_path, "--trainer.precision", precision, "--ckpt_path",
                                          "last", "--data.test_limit", "4")])  # fmt: skip
