@@ -130,9 +130,12 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrainedModel:
-    """Load the model of `spec` (quantised for QLoRA when asked), in training-ready form."""
+def load_model(spec: ModelSpec, device_map: str | dict | None = None, empty: bool = False) -> PreTrainedModel:
+    """Load the model of `spec` (quantised for QLoRA when asked), in training-ready form. `empty`: the same model
+    with its parameters on the meta device, nothing read (FSDP ranks that receive rank 0's weights)."""
     path = resolve_model_path(spec.name)
+    if empty:
+        return _training_ready(_empty_model(spec, path), spec)
     kwargs: dict = {
         "dtype": DTYPES[spec.dtype],
         "revision": spec.revision,
@@ -149,6 +152,29 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrai
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise UserInputError(_not_found_message(spec.name, error)) from None
+    return _training_ready(model, spec)
+
+
+def _empty_model(spec: ModelSpec, path: str) -> PreTrainedModel:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    if spec.quantization:
+        raise UserInputError("model.quantization (QLoRA) cannot be combined with FSDP sharding")
+    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, revision=spec.revision)
+    except OSError:
+        pass  # a folder without generation_config.json: the config's defaults, as from_pretrained gives
+    return model
+
+
+def _training_ready(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
     if spec.quantization:
         from peft import prepare_model_for_kbit_training
 

@@ -165,10 +165,8 @@ def qlora_nf4(ctx: Context) -> dict:
 
 
 def fsdp_one_gpu(ctx: Context) -> dict:
-    """configs/presets/gpu_fsdp.yaml on one GPU: FSDP wrapping, bf16 weights, the gathered full-state export."""
-    if ctx.dry:
-        raise Skip("torch's FSDP (and Lightning's FSDPStrategy) needs an accelerator")
-    cli = ctx.run_cli("fit", ["planning_gsm8k.yaml", "presets/gpu_fsdp.yaml"], *fit_args(ctx, "small", 10),
+    """configs/presets/gpu_fsdp.yaml on one GPU: FSDP2 sharding, bf16 weights, the gathered full-state export."""
+    cli = ctx.run_cli("fit", ["planning_gsm8k.yaml", "presets/gpu_fsdp.yaml"], *fit_args(ctx, "small", ctx.n(10, 2)),
                       "--trainer.devices", "1", name="fsdp")  # fmt: skip
     return {
         "steps": cli.trainer.global_step,

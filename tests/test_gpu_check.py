@@ -55,7 +55,7 @@ def test_dry_run_reports_every_item(tmp_path):
         assert item["seconds"] >= 0 and (item["status"] == "pass" or item["reason"])
     items = report["items"]
     assert items["vllm_engine"]["status"] == "skipped" and "not implemented" in items["vllm_engine"]["reason"]
-    assert items["greedy_fp32_matches_cpu"]["status"] == "pass"
+    assert items["greedy_fp32_matches_cpu"]["status"] == "pass" and items["fsdp_one_gpu"]["status"] == "pass"
     assert items["likelihood_dynamics"]["details"]["steps"][0] == 0  # the base model, then the run's checkpoints
     assert set(items["generation_throughput"]["details"]) == {f"tokens_per_s_batch{b}" for b in (1, 8, 64)}
     assert "total" in result.stdout.splitlines()[-1]  # the table ends the output
