@@ -20,12 +20,12 @@ from transformers import PreTrainedModel
 def shard_model(build: Callable[[bool], nn.Module], mesh, device: torch.device) -> nn.Module:
     """`build(empty)` on every rank (empty = parameters on the meta device, ranks > 0), sharded over `mesh` with
     FSDP2, holding rank 0's weights on `device`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
 
     rank0 = dist.get_rank() == 0
     model = build(not rank0)
-    full = {key: value.to(device) for key, value in _without_aliases(model.state_dict()).items()} if rank0 else {}
+    full = {name: parameter.detach() for name, parameter in model.named_parameters()} if rank0 else {}
     hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))  # inside PEFT
     layer_classes = set(hf_model._no_split_modules or ())  # the decoder layer class
     for module in model.modules():
@@ -33,25 +33,13 @@ def shard_model(build: Callable[[bool], nn.Module], mesh, device: torch.device) 
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if not rank0:
-        model.to_empty(device=device)  # storage for the shards; the buffers are recomputed below
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # aliases: tied
-    set_model_state_dict(model, full, options=options)
-    del full
-    _broadcast_buffers(model)
+        model.to_empty(device=device)  # storage for the shards; the buffers are set below
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # one tensor at a time, rank 0 scatters the shards
+            # other ranks pass an untouched full-size tensor: only its shape counts, its pages are never written
+            source = full.pop(name).to(device) if rank0 else torch.empty(parameter.shape, dtype=parameter.dtype)
+            shard = distribute_tensor(source.to(device), mesh, parameter.placements, src_data_rank=0)
+            parameter.to_local().copy_(shard.to_local())
+        for buffer in model.buffers():  # rotary frequencies and the like: not sharded, rank 0's everywhere
+            dist.broadcast(buffer.data, src=0)
     return model
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Buffers that no state dict holds (rotary frequencies) from rank 0, so that every rank computes alike."""
-    for buffer in model.buffers():
-        dist.broadcast(buffer.data, src=0)
-
-
-def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict with each tensor once (tied weights appear under several names; loading one sets all)."""
-    seen, unique = set(), {}
-    for key, value in state.items():
-        if value.data_ptr() not in seen or value.numel() == 0:
-            seen.add(value.data_ptr())
-            unique[key] = value
-    return unique
