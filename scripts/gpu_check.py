@@ -324,7 +324,7 @@ def liger_fused_loss(ctx: Context) -> dict:
 
 ITEMS = {
     "lora_planning_bf16": (lora_planning_bf16, 150),
-    "full_bf16": (full_bf16, 120),
+    "full_bf16": (full_bf16, 180),
     "qlora_nf4": (qlora_nf4, 90),
     "fsdp_one_gpu": (fsdp_one_gpu, 90),
     "slot_bf16": (slot_bf16, 60),

@@ -42,8 +42,8 @@ def test_slot_maths_ignore_autocast(tiny_llama):
 def test_true_precision_loads_the_backbone_in_its_dtype(tiny_llama, monkeypatch):
     """precision bf16-true: the backbone is read in bf16, not read in fp32 and cast (no transient fp32 copy)."""
     asked = []
-    load = models.loading.load_model
-    monkeypatch.setattr(finetune, "load_model", lambda spec: asked.append(spec.dtype) or load(spec))
+    real_load = models.loading.load_model
+    monkeypatch.setattr(finetune, "load_model", lambda spec, empty: asked.append(spec.dtype) or real_load(spec))
     module = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="lora+prompt-tuning", planning=PLANNING)
     with HalfPrecision("bf16-true").tensor_init_context():  # what Lightning wraps configure_model in
         module.configure_model()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -49,7 +48,7 @@ def shard_on_rank(rank: int, folder: str, port: int, out: str) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, f"{out}/gathered.pt")
-    record = {"held_bytes": held, **built, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    record = {"held_bytes": held, **built}
     with open(f"{out}/rank{rank}.json", "w") as file:
         json.dump(record, file)
     dist.destroy_process_group()
