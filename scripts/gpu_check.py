@@ -108,21 +108,19 @@ def metrics_of(cli) -> dict:
 def export_reloads(ctx: Context, run: Path, base: str) -> dict:
     """The run's epoch_0 export loads with the project's loader and generates from a planning-token prompt."""
     import torch
-    from transformers import AutoTokenizer
 
     from evaluation.generation import GenerationSpec, generate
-    from models.loader import load_finetuned_model
+    from models.loader import load_trained
     from models.loading import ModelSpec
 
     export = run / "epoch_0"
-    model = load_finetuned_model(ModelSpec(name=base), str(export)).to(device(ctx)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(export)
+    trained = load_trained(ModelSpec(name=base), str(export))
+    model, tokenizer = trained.model.to(device(ctx)), trained.tokenizer
     prompt = tokenizer(["Question: 2+3?\nAnswer: <prefix_0><prefix_1><prefix_2>"], return_tensors="pt").to(device(ctx))
     text = generate(model, tokenizer, prompt.input_ids, prompt.attention_mask, GenerationSpec(max_new_tokens=8))[0]
-    finite = all(torch.isfinite(p).all() for p in model.parameters())
-    if not finite:
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise AssertionError(f"{export} holds non-finite weights")
-    return {"export": str(export), "export_generates": text}
+    return {"export": str(export), "export_generates": text, "export_step": trained.step}
 
 
 def device(ctx: Context) -> str:
@@ -152,9 +150,11 @@ def qlora_nf4(ctx: Context) -> dict:
     """QLoRA (configs/presets/qlora.yaml): NF4 base through bitsandbytes, LoRA + planning rows, export."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise Skip("bitsandbytes is not importable (carry its wheel, see the docstring)")
-    if ctx.dry:
-        raise Skip("QLoRA needs CUDA (tests/test_precision.py runs it on the CPU with the device choice replaced)")
-    steps = 20
+    if ctx.dry:  # bitsandbytes' CPU kernels; only the CUDA device choice is replaced (this process only)
+        import models.loading
+
+        models.loading.quantized_device_map = lambda spec: {"": "cpu"}
+    steps = ctx.n(20, 2)
     cli = ctx.run_cli("fit", ["planning_gsm8k.yaml", "presets/qlora.yaml"], *fit_args(ctx, "small", steps),
                       "--trainer.devices", "1", name="qlora")  # fmt: skip
     return {

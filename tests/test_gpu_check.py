@@ -56,6 +56,7 @@ def test_dry_run_reports_every_item(tmp_path):
     items = report["items"]
     assert items["vllm_engine"]["status"] == "skipped" and "not implemented" in items["vllm_engine"]["reason"]
     assert items["greedy_fp32_matches_cpu"]["status"] == "pass" and items["fsdp_one_gpu"]["status"] == "pass"
+    assert items["qlora_nf4"]["status"] == "pass" or "bitsandbytes" in items["qlora_nf4"]["reason"]
     assert items["likelihood_dynamics"]["details"]["steps"][0] == 0  # the base model, then the run's checkpoints
     assert set(items["generation_throughput"]["details"]) == {f"tokens_per_s_batch{b}" for b in (1, 8, 64)}
     assert "total" in result.stdout.splitlines()[-1]  # the table ends the output

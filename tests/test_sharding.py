@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_cli import REPO, run_dir, tiny_args
 
 from models.adapters import LoraSpec, build_trainable_model
-from models.loader import load_finetuned_model
+from models.loader import load_trained
 from models.loading import ModelSpec, load_model, load_tokenizer
 from models.vocabulary import add_tokens
 from tasks.planning import PlanningSpec
@@ -88,7 +88,6 @@ def test_fsdp_preset_fits_on_two_cpu_processes(tiny_llama, tmp_path):
     assert {v.dtype for v in state.values()} == {torch.bfloat16}  # the preset trains in bf16-true
     # the gathered export and the gathered checkpoint are the same model
     exported = load_file(run / "epoch_0/model.safetensors")
-    from_checkpoint = load_finetuned_model(ModelSpec(name=str(tiny_llama)), str(run / "checkpoints/last.ckpt"))
-    merged = from_checkpoint.state_dict()
+    merged = load_trained(ModelSpec(name=str(tiny_llama)), str(run / "checkpoints/last.ckpt")).model.state_dict()
     for key in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         torch.testing.assert_close(exported[key].float(), merged[key].float(), rtol=1e-2, atol=1e-2)
