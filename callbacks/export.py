@@ -38,7 +38,8 @@ class EpochExport(L.Callback):
         path = export_dir / f"epoch_{trainer.current_epoch}"
         # Rebuilding the adapter draws random init weights: keep training's random stream untouched.
         with torch.random.fork_rng(devices=[]), atomic_directory(path) as staging:
-            export_model(module, state, staging, adapter_only=self.adapter_only)
+            dtype = TRUE_PRECISION.get(str(trainer.precision))
+            export_model(module, state, staging, adapter_only=self.adapter_only, dtype=dtype)
             info = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": module.mode}
             info["backbone"] = asdict(module.backbone)
             info["planning"] = {**asdict(module.planning), "tokens": module.planning.key_tokens()}
@@ -50,8 +51,15 @@ class EpochExport(L.Callback):
         rank_zero_info(f"Exported {path}")
 
 
-def export_model(module: L.LightningModule, state: dict, path: Path, adapter_only: bool = False) -> None:
-    """Save the fine-tuned model of `module` (weights in `state`) as a HF folder with its tokenizer."""
+TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+"""Precisions that train every weight in a lower dtype: the merged export is saved in it (the model trained)."""
+
+
+def export_model(
+    module: L.LightningModule, state: dict, path: Path, adapter_only: bool = False, dtype: torch.dtype | None = None
+) -> None:
+    """Save the fine-tuned model of `module` (weights in `state`) as a HF folder with its tokenizer; a merged
+    adapter export in `dtype` when given (full fine-tuning saves its weights as they are)."""
     weights = {key.removeprefix("model."): value.detach().cpu() for key, value in state.items()}
     if module.mode == "full":
         module.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
@@ -66,5 +74,5 @@ def export_model(module: L.LightningModule, state: dict, path: Path, adapter_onl
         merged = model_from_training_state(
             module.backbone, module.mode, module.lora, module.planning, adapter, "export"
         )
-        merged.save_pretrained(path, safe_serialization=True)
+        merged.to(dtype or merged.dtype).save_pretrained(path, safe_serialization=True)
     module.tokenizer.save_pretrained(path)

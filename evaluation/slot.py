@@ -169,7 +169,8 @@ def optimise_deltas(
     batch, _, hidden_size = state.hidden.shape
     snapshots, trace = {}, []
     # Evaluation loops run under inference mode; AdamW's updates (and autograd, general path) need out of it.
-    with torch.inference_mode(False):
+    # Autocast (precision bf16-mixed) would run W·delta and Wᵀ·g in bf16: the maths on delta stays fp32/fp64.
+    with torch.inference_mode(False), torch.autocast(state.hidden.device.type, enabled=False):
         if head.linear and not autograd:
             loss_and_gradient = CachedLogitLoss(head, state)
         else:  # autograd cannot use inference-mode tensors: clone them out

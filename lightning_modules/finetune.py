@@ -22,6 +22,7 @@ from evaluation.teacher_forcing import response_loss, response_losses
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec, load_model
+from models.sharding import shard_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
 
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
@@ -100,10 +101,21 @@ class CausalLMFineTuner(LightningModule):
             return
         if self.loss == "liger":
             check_liger(self.trainer.strategy.root_device if self._trainer is not None else self.device)
-        base = load_model(self.backbone)
-        if self.loss == "liger":
-            apply_liger_kernels(base)
-        model = build_trainable_model(base, self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens)
+        backbone, dtype = self.backbone, torch.get_default_dtype()
+        if dtype != torch.float32 and backbone.quantization is None:
+            # precision *-true: Lightning casts the weights to its dtype (the default one here); load them in it
+            backbone = replace(backbone, dtype=str(dtype).removeprefix("torch."))
+
+        def build(empty: bool = False) -> torch.nn.Module:
+            model = load_model(backbone, empty=empty)
+            if self.loss == "liger":
+                apply_liger_kernels(model)
+            return build_trainable_model(model, self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens)
+
+        mesh = self.device_mesh  # FSDP2 (configs/presets/gpu_fsdp.yaml): sharded, only rank 0 reads the weights
+        model = (
+            build() if mesh is None else shard_model(build, mesh["data_parallel"], self.trainer.strategy.root_device)
+        )
         self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
 
     def configure_optimizers(self):

@@ -130,9 +130,12 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrainedModel:
-    """Load the model of `spec` (quantised for QLoRA when asked), in training-ready form."""
+def load_model(spec: ModelSpec, device_map: str | dict | None = None, empty: bool = False) -> PreTrainedModel:
+    """Load the model of `spec` (quantised for QLoRA when asked), in training-ready form. `empty`: the same model
+    with its parameters on the meta device, nothing read (FSDP ranks that receive rank 0's weights)."""
     path = resolve_model_path(spec.name)
+    if empty:
+        return _training_ready(_empty_model(spec, path), spec)
     kwargs: dict = {
         "dtype": DTYPES[spec.dtype],
         "revision": spec.revision,
@@ -141,14 +144,37 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrai
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization:
+        kwargs["device_map"] = device_map or quantized_device_map(spec)
         kwargs["quantization_config"] = _bitsandbytes_config(spec)
-        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise UserInputError(_not_found_message(spec.name, error)) from None
+    return _training_ready(model, spec)
+
+
+def _empty_model(spec: ModelSpec, path: str) -> PreTrainedModel:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    if spec.quantization:
+        raise UserInputError("model.quantization (QLoRA) cannot be combined with FSDP sharding")
+    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, revision=spec.revision)
+    except OSError:
+        pass  # a folder without generation_config.json: the config's defaults, as from_pretrained gives
+    return model
+
+
+def _training_ready(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
     if spec.quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -164,12 +190,17 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None) -> PreTrai
     return model
 
 
-def _bitsandbytes_config(spec: ModelSpec):
+def quantized_device_map(spec: ModelSpec) -> dict:
+    """Where a 4/8-bit model goes: the current CUDA device (QLoRA needs one; the one place that requires it)."""
     if not torch.cuda.is_available():
         raise UserInputError(
             f"model.quantization={spec.quantization} (QLoRA) needs a CUDA GPU and none was found; "
             "use mode: lora (unquantised) on this machine"
         )
+    return {"": torch.cuda.current_device()}
+
+
+def _bitsandbytes_config(spec: ModelSpec):
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "int8":
