@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import random
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from datamodules.batching import collate
 from evaluation.teacher_forcing import teacher_forced_chunks
 from models.loader import load_finetuned_model
 from models.loading import ModelSpec, load_tokenizer
-from tasks.examples import get_task, load_examples
+from tasks.examples import get_task, load_examples, seeded_subset
 from tasks.prompts import PromptFormatter, PromptSpec
 
 
@@ -108,8 +107,7 @@ def traces(
         print(f"{path} exists: kept (--overwrite true to recompute)")
         return path
     examples = load_examples(get_task(task), data_path, split)
-    if limit is not None and limit < len(examples):
-        examples = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
+    examples = seeded_subset(examples, limit, seed)
     tokenizer = load_tokenizer(model_spec)
     formatter = PromptFormatter(tokenizer, prompt or PromptSpec())
     network = load_finetuned_model(model_spec, checkpoint).requires_grad_(False).eval()

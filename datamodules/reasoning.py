@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from core.errors import UserInputError
 from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, ResumingDataLoader, collate
 from models.loading import ModelSpec, cache_dir, load_model, load_tokenizer
-from tasks.examples import Example, get_task, load_examples
+from tasks.examples import Example, get_task, load_examples, seeded_subset
 from tasks.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from tasks.prompts import PromptFormatter, PromptSpec
 from tasks.scoring import get_answer_format
@@ -106,10 +106,7 @@ class ReasoningDataModule(LightningDataModule):
             self.splits["val"] = self._encode(val, "validation")
         if stage in ("test", "predict") and "test" not in self.splits:
             examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
-            if hp.test_limit and hp.test_limit < len(examples):
-                examples = [
-                    examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
-                ]
+            examples = seeded_subset(examples, hp.test_limit, hp.seed)
             self.source = hp.test_path or str(self.task.bundled.get("test"))
             self.test_examples = examples
             if self.planning.method not in CLUSTER_METHODS:  # learned types: encoded once a checkpoint is restored
