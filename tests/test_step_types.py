@@ -14,6 +14,7 @@ from lightning_modules.finetune import CausalLMFineTuner
 from models.loading import ModelSpec, load_model
 from tasks.planning import PlanningSpec
 from tasks.step_types import StepTyper, StepVAE, embed_steps, vae_loss
+from tests.test_cli import run_dir, run_main, tiny_args, trainable_state
 
 K = 3
 
@@ -105,3 +106,29 @@ def test_too_few_training_steps_is_one_clear_error(tiny_llama):
     data = ReasoningDataModule(val_size=1, train_limit=2, tokenizer=module.tokenizer, planning=module.planning)
     with pytest.raises(UserInputError, match="cannot form 50 step types"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("method", ["kmeans", "vae", "vae-contrastive"])
+def test_fitting_and_typing_steps_leave_the_global_rng_alone(method):
+    """Only a cold typer cache fits and types: either must leave the training's random stream as it was."""
+    x, successor = torch.randn(8, 16), torch.tensor([1, 2, 3, 3, 5, 6, 7, 7])
+    before = torch.get_rng_state()
+    typer = StepTyper.fit(PlanningSpec(method=method, n_special=1, num_types=K, vae_epochs=1), x, successor)
+    typer.predict(x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.slow
+def test_a_fit_ends_with_the_same_weights_whether_the_typer_cache_is_cold_or_warm(tiny_llama, tmp_path):
+    """Fitting the VAE typer (cold cache) must not reseed the training's global RNG (LoRA init, dropout)."""
+    vae = ["--model.init_args.planning.method", "vae", "--model.init_args.planning.num_types", str(K),
+           "--model.init_args.planning.vae_epochs", "2", "--data.train_limit", "8", "--data.val_size", "2",
+           "--trainer.limit_val_batches", "0"]  # fmt: skip
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    assert run_main(["fit", *tiny_args(tiny_llama, cold, *vae)]) == 0
+    assert list((tmp_path / "cache/planning").glob("*/typer.safetensors"))  # the warm run reads this
+    assert run_main(["fit", *tiny_args(tiny_llama, warm, *vae)]) == 0
+    expected, actual = (trainable_state(run_dir(r) / "checkpoints/last.ckpt") for r in (cold, warm))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
