@@ -136,18 +136,30 @@ class ReasoningDataModule(LightningDataModule):
         items = {
             name: [(e.id, e.question, split_steps(e.response, task)) for e in split] for name, split in splits.items()
         }
-        try:
-            self.typer, types = annotate_steps(
-                self.planning,
-                fit_on,
-                items,
-                cache_dir() / "planning",
-                self._step_embedder,
-                self.hparams.seed,
-                self.typer,
-            )
-        except ValueError as error:
-            raise UserInputError(f"model.planning ({self.planning.method}): {error}") from None
+        # Under DDP rank 0 alone embeds, fits and writes the cache; the other ranks receive its typer and types.
+        trainer = self.trainer
+        strategy = trainer.strategy if trainer is not None and trainer.world_size > 1 else None
+        result: tuple | str | None = None
+        if strategy is None or strategy.is_global_zero:
+            try:
+                typer, types = annotate_steps(
+                    self.planning,
+                    fit_on,
+                    items,
+                    cache_dir() / "planning",
+                    self._step_embedder,
+                    self.hparams.seed,
+                    self.typer,
+                )
+                result = (typer.tensors, types)
+            except ValueError as error:  # every rank stops with rank 0's message
+                result = f"model.planning ({self.planning.method}): {error}"
+        if strategy is not None:
+            result = strategy.broadcast(result, src=0)
+        if isinstance(result, str):
+            raise UserInputError(result)
+        tensors, types = result
+        self.typer = StepTyper(self.planning, tensors)
         for split_types in types.values():
             self.step_types.update(split_types)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from core.io import write_json_atomic
+from core.io import atomic_path, write_json_atomic
 from tasks.planning import PlanningSpec
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ def annotate_steps(
             offset += len(rows)
         typer = StepTyper.fit(spec, torch.cat(per_example), torch.tensor(successor), seed)
         if spec.cache:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(typer.tensors, str(folder / "typer.safetensors"))
+            with atomic_path(folder / "typer.safetensors") as temporary:
+                save_file(typer.tensors, str(temporary))
     typer_digest = hashlib.sha256()
     for key in sorted(typer.tensors):
         typer_digest.update(key.encode() + typer.tensors[key].numpy().tobytes())
