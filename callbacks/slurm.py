@@ -5,7 +5,8 @@ Under `srun`, Lightning detects the SLURM environment (ranks, world size, master
 `trainer.default_root_dir`, runs `scontrol requeue` and, on restart without `--ckpt_path`, resumes from it.
 
 This callback keeps that protocol but moves the save out of the signal handler: the handler only records
-the signal, and the checkpoint is written at the next optimizer-step boundary, after every rank agreed.
+the signal, and the checkpoint is written at the next optimizer-step boundary, or the next validation batch
+boundary when the signal arrives during validation, after every rank agreed.
 A checkpoint written inside a signal handler can capture a half-done step (and under DDP deadlock against
 a collective in flight, Lightning issue #21406); one written at a boundary resumes bit-exactly. It also
 warns about the failure modes users report: python started without srun (no ranks, no requeue), a SIGTERM
@@ -47,13 +48,24 @@ def next_hpc_checkpoint(folder: Path) -> Path:
 
 
 class SlurmRequeue(L.Callback):
-    """On SLURM's requeue signal (or a bare SIGTERM), save an hpc checkpoint at the next optimizer step,
-    requeue the job and stop; a no-op outside SLURM or with `plugins: SLURMEnvironment(auto_requeue=False)`."""
+    """On SLURM's requeue signal (or a bare SIGTERM), save an hpc checkpoint at the next optimizer step (or
+    validation batch), requeue the job and stop; a no-op outside SLURM or with
+    `plugins: SLURMEnvironment(auto_requeue=False)`."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.previous_handlers: dict[int, object] = {}
         self.last_step = -1
+        self.requeueing = False
+
+    @staticmethod
+    def requeue_pending(trainer: L.Trainer) -> bool:
+        """Whether a SlurmRequeue of `trainer` got the time-limit signal (and saves or is about to save its hpc
+        checkpoint): work that can wait for the requeued job, like scoring likelihood dynamics, should."""
+        return any(
+            isinstance(callback, SlurmRequeue) and (callback.requeueing or callback.signal_name is not None)
+            for callback in trainer.callbacks
+        )
 
     @staticmethod
     def environment(trainer: L.Trainer) -> SLURMEnvironment | None:
@@ -99,8 +111,20 @@ class SlurmRequeue(L.Callback):
         if not self.previous_handlers or trainer.global_step == self.last_step:
             return  # not on SLURM, or mid gradient accumulation: not a step boundary
         self.last_step = trainer.global_step
+        self._requeue_if_signalled(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        # Validation inside `fit` (64 questions x 256 generated tokens) can outlast the warning: the training
+        # state is that of the last optimizer step, and the restarted job finishes this validation first.
+        if self.previous_handlers:
+            self._requeue_if_signalled(trainer)
+
+    def _requeue_if_signalled(self, trainer: L.Trainer) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             return
+        self.requeueing = True  # every rank: no dynamics scoring on this save
         path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
         trainer.save_checkpoint(path, weights_only=False)  # the full training state
         if trainer.is_global_zero:
