@@ -6,7 +6,8 @@ Under `srun`, Lightning detects the SLURM environment (ranks, world size, master
 
 This callback keeps that protocol but moves the save out of the signal handler: the handler only records
 the signal, and the checkpoint is written at the next optimizer-step boundary, or the next validation batch
-boundary when the signal arrives during validation, after every rank agreed.
+boundary when the signal arrives during validation, after every rank agreed. A `test` run stops at its next
+test batch the same way, without a checkpoint: the requeued job runs it again.
 A checkpoint written inside a signal handler can capture a half-done step (and under DDP deadlock against
 a collective in flight, Lightning issue #21406); one written at a boundary resumes bit-exactly. It also
 warns about the failure modes users report: python started without srun (no ranks, no requeue), a SIGTERM
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -90,11 +92,17 @@ class SlurmRequeue(L.Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)  # `test`: requeued and run again from its start (no training state to save)
+
+    def _listen(self, trainer: L.Trainer) -> None:
         environment = self.environment(trainer)
         if environment is None:
             return
         self.last_step = trainer.global_step
-        # Lightning registered its handlers just before training started: record instead of saving in them.
+        # Lightning registered its handlers just before the run started: record instead of saving in them.
         for signum in (environment.requeue_signal, signal.SIGTERM):
             self.previous_handlers[signum] = signal.signal(signum, self._record_signal)
 
@@ -121,17 +129,27 @@ class SlurmRequeue(L.Callback):
         if self.previous_handlers:
             self._requeue_if_signalled(trainer)
 
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self.previous_handlers:
+            self._requeue_if_signalled(trainer)
+
     def _requeue_if_signalled(self, trainer: L.Trainer) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             return
         self.requeueing = True  # every rank: no dynamics scoring on this save
-        path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
-        trainer.save_checkpoint(path, weights_only=False)  # the full training state
+        if trainer.state.fn == TrainerFn.FITTING:
+            path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
+            trainer.save_checkpoint(path, weights_only=False)  # the full training state
+            saved = f"saved {path} at step {trainer.global_step}"
+        else:
+            saved = f"{trainer.state.fn.value} stopped (its outputs are written only at its end); it runs again"
         if trainer.is_global_zero:
-            log.warning("%s: saved %s at step %d", self.signal_name or "signal", path, trainer.global_step)
+            log.warning("%s: %s", self.signal_name or "signal", saved)
             requeue()
         # Stop every rank now, never with success: if the requeue failed, the job must not count as completed
-        # (evaluations wait on `afterok`). The requeued job resumes from `path`.
+        # (evaluations wait on `afterok`). A requeued `fit` resumes from `path`.
         raise SIGTERMException(REQUEUE_EXIT_CODE)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,6 +157,9 @@ class SlurmRequeue(L.Callback):
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.previous_handlers = {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)

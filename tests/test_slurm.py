@@ -91,7 +91,7 @@ def test_sigusr1_during_validation_saves_at_a_validation_batch_and_the_restart_r
 
     bin_dir = fake_commands(tmp_path / "bin", ("scontrol",))
     progress = tmp_path / "validation.txt"
-    reporter = json.dumps({"class_path": "helpers.ReportValidation", "init_args": {"path": str(progress)}})
+    reporter = json.dumps({"class_path": "helpers.ReportEvaluation", "init_args": {"path": str(progress)}})
     dynamics = json.dumps({"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"types": ["test"]}})
     args = tiny_args(tiny_llama, slurm, *settings, "--trainer.default_root_dir", str(slurm),
                      "--trainer.logger.init_args.version", "0", f"--trainer.callbacks+={dynamics}")  # fmt: skip
@@ -122,6 +122,29 @@ def test_sigusr1_during_validation_saves_at_a_validation_batch_and_the_restart_r
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sigusr1_during_test_requeues_at_a_test_batch_without_a_checkpoint(tiny_llama, tmp_path):
+    bin_dir = fake_commands(tmp_path / "bin", ("scontrol",))
+    progress = tmp_path / "test.txt"
+    reporter = json.dumps({"class_path": "helpers.ReportEvaluation", "init_args": {"path": str(progress)}})
+    args = tiny_args(tiny_llama, tmp_path, "--data.eval_batch_size", "1", "--data.test_limit", "4",
+                     "--trainer.default_root_dir", str(tmp_path), f"--trainer.callbacks+={reporter}")  # fmt: skip
+    job = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "test", *args], env=slurm_environment(bin_dir),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (progress.is_file() and progress.read_text() == "0 0") and job.poll() is None:
+        assert time.monotonic() < deadline, "the test loop did not start"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode == 124, output  # never "completed": the requeued job runs the test again
+    assert progress.read_text() in {"0 0", "0 1", "0 2"}, output  # stopped before its last batch
+    assert [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()] == [
+        ["scontrol", "requeue", "4242"]
+    ]
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("test_step*"))  # nothing half-written
 
 
 class Rank0:
