@@ -7,14 +7,22 @@ the resolved configuration; `--help` documents every argument.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+import itertools
+import json
 import logging
+import os
 import re
+import shutil
 import sys
+import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from jsonargparse import Namespace, auto_cli
+from jsonargparse import ArgumentError, Namespace, auto_cli
 from lightning import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -23,11 +31,15 @@ from callbacks.planning_report import PlanningReport
 from callbacks.run_summary import RunSummary
 from callbacks.samples import SampleWriter
 from callbacks.slurm import SlurmRequeue
+from core.checkpoint_file import read_checkpoint
+from core.config_errors import one_line
 from core.errors import ReasoningLabError, UserInputError
+from core.io import check_output_folder, missing_folders, remove_unused_run
 from datamodules.reasoning import ReasoningDataModule
 from tasks.planning import PlanningSpec
 
 RUNS_DIR = "runs"
+LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).
@@ -41,21 +53,166 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("commands.analyze:analyze", "rank logs merged with evaluation samples: accuracy vs rank"),
     "dynamics": ("commands.dynamics:dynamics", "likelihood dynamics of a sample pool over every checkpoint of a run"),
     "select": ("commands.select:select", "keep the highest / lowest / a random-likelihood answer per question"),
+    "compare": ("commands.compare:compare", "one table across runs or arms: 95 % intervals, paired tests"),
 }
 
 
 class ReasoningLabCLI(LightningCLI):
+    """LightningCLI with the project's links and its bad-input rules: one-line parse errors, `--ckpt_path`
+    read safely before Lightning touches it, no new fit mixed into an existing run directory, and no empty
+    run directory left by a run that bad input stopped."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(EpochExport, "export")
+        parser.add_argument(
+            "--overwrite_run",
+            type=bool,
+            default=False,
+            help="fit: start over in an existing run directory named by trainer.logger.init_args.version "
+            "(its contents are removed first) instead of refusing it. Never saved as true in config.yaml.",
+        )
         # The model owns model loading (tokenizer included); the datamodule tokenises with it.
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
         # Planning tokens are added to the tokenizer by the model; the datamodule writes them into the targets.
         parser.link_arguments("model", "data.planning", compute_fn=planning_of, apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+    def parse_arguments(self, parser, args) -> None:
+        """Parse errors as one line (the key at fault and its valid neighbours), not jsonargparse's tree."""
+        self.argv = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            raise UserInputError(one_line(str(error), option_names(parser, self.argv))) from None
+
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path`: resolve `last`, read the file safely (one line when it is missing, truncated or holds
+        pickled objects), refuse model settings on the command line that the checkpoint's would replace, and
+        re-apply the checkpoint's hyper-parameters over the config (as LightningCLI does)."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
         if config.get("ckpt_path") == "last":
             resolve_last_checkpoint(config)
+        path = config.get("ckpt_path")
+        if not path or path in LIGHTNING_CHECKPOINT_NAMES:
+            return
+        hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        refuse_dropped_overrides(self.argv, config.model, hparams, path)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except ArgumentError as error:
+            message = one_line(str(error))
+            raise UserInputError(f"checkpoint '{path}': its model settings do not parse: {message}") from None
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer, logger = config.trainer, config.trainer.logger
+        if trainer.default_root_dir:
+            check_output_folder(trainer.default_root_dir, "trainer.default_root_dir")
+        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("save_dir"):
+            check_output_folder(logger.init_args.save_dir, "trainer.logger.init_args.save_dir")
+        if self.subcommand == "fit":
+            check_new_run(config)
+        config.overwrite_run = False  # config.yaml never tells a later run to overwrite
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run; when bad input stops it, remove the run directory it created if that holds nothing yet."""
+        run_dir = logger_run_dir(self.trainer) if is_launching_process() else None
+        created = missing_folders(run_dir) if run_dir is not None else []
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            if isinstance(our_error(error), UserInputError) and remove_unused_run(created):
+                logging.getLogger(__name__).info("removed the unused run directory %s", run_dir)
+            raise
+
+
+def option_names(parser, argv: list[str]) -> list[str]:
+    """The dotted option names of the subcommand in `argv` (or of `parser` itself): did-you-mean candidates."""
+    actions = parser._actions
+    for action in actions:
+        choices = action.choices if isinstance(getattr(action, "choices", None), dict) else {}
+        name = next((arg for arg in argv if arg in choices), None)
+        if name is not None:
+            actions = choices[name]._actions
+            break
+    return [action.dest for action in actions if action.dest not in ("help", "==SUPPRESS==")]
+
+
+def refuse_dropped_overrides(argv: list[str], model: Namespace, hparams: dict, path: str) -> None:
+    """`--model.X value` on the command line that differs from the checkpoint's X: LightningCLI would silently
+    replace it by the checkpoint's value, so it is refused in one line."""
+    for arg in argv:
+        if not arg.startswith("--model."):
+            continue
+        key = arg[2:].split("=", 1)[0]
+        parts = key.split(".")[1:]
+        parts = parts[1:] if parts[:1] == ["init_args"] else parts
+        if not parts or parts[0] not in hparams:
+            continue  # not a saved hyper-parameter (generation, rank_log...): it applies as given
+        saved = hparams
+        for part in parts:
+            saved = saved.get(part) if isinstance(saved, dict) else None
+        given = plain(model.get("init_args", Namespace()).get(".".join(parts)))
+        if given != plain(saved):
+            raise UserInputError(
+                f"--{key} {given!r}: the checkpoint '{path}' was trained with {'.'.join(parts)} = {plain(saved)!r}, "
+                "and --ckpt_path rebuilds the model with the checkpoint's settings; drop the option"
+            )
+
+
+def plain(value: object) -> object:
+    """`value` as plain Python data (namespaces and dataclasses as dicts, tuples as lists) for comparisons."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def is_launching_process() -> bool:
+    """False in the extra processes of a multi-process run (DDP children, SLURM tasks other than rank 0)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def logger_run_dir(trainer) -> Path | None:
+    """The run directory the trainer's logger writes to (None without a logger that has one)."""
+    logger = trainer.logger
+    return Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
+
+
+def check_new_run(config: Namespace) -> None:
+    """A new `fit` in an existing run directory (an explicit trainer.logger.init_args.version) would mix two runs:
+    refused unless it resumes (--ckpt_path, or Lightning's own hpc checkpoint) or --overwrite_run starts over."""
+    logger = config.trainer.logger
+    if not isinstance(logger, Namespace) or not logger.get("init_args") or logger.init_args.get("version") is None:
+        return
+    if not is_launching_process():  # the other processes of a DDP run start after the first made the directory
+        return
+    args = logger.init_args
+    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
+    run_dir = Path(args.save_dir or ".") / str(args.get("name") or "") / version
+    if config.get("ckpt_path") or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if any(Path(config.trainer.default_root_dir or os.getcwd()).glob("hpc_ckpt_*.ckpt")):
+        return  # a requeued SLURM job: Lightning resumes from its hpc checkpoint
+    if not config.get("overwrite_run"):
+        raise UserInputError(
+            f"trainer.logger.init_args.version: the run directory '{run_dir}' already holds a run; resume it with "
+            "--ckpt_path last, choose another version, or start over in it with --overwrite_run true"
+        )
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        raise UserInputError(f"--overwrite_run: '{run_dir}' holds the working directory; refusing to remove it")
+    shutil.rmtree(run_dir)
 
 
 def planning_of(model: LightningModule) -> PlanningSpec | None:
@@ -117,6 +274,7 @@ def build_cli(
             "callbacks": [RunSummary(), SampleWriter(), PlanningReport(), SlurmRequeue()],
         },
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # parse errors become one line (ReasoningLabCLI.parse_arguments)
         auto_configure_optimizers=False,
         args=args,
         run=run,
@@ -127,7 +285,20 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False)
+    try:
+        auto_cli(function, args=positional_words(function, args), as_positional=False, exit_on_error=False)
+    except ArgumentError as error:
+        raise UserInputError(f"{name}: {one_line(str(error), list(inspect.signature(function).parameters))}") from None
+
+
+def positional_words(function: Callable, args: list[str]) -> list[str]:
+    """Words before the first option fill the command's first parameter when it is a list:
+    `compare A B --output_dir x` is `compare --inputs '["A", "B"]' --output_dir x`."""
+    words = list(itertools.takewhile(lambda arg: not arg.startswith("-"), args))
+    first = next(iter(inspect.signature(function).parameters), None)
+    if not words or first is None or typing.get_origin(typing.get_type_hints(function).get(first)) is not list:
+        return args
+    return [f"--{first}", json.dumps(words), *args[len(words) :]]
 
 
 def print_commands() -> None:

@@ -14,6 +14,7 @@ Outputs in `output_dir`: calibration.json, calibration_heatmap.png, and two conf
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from commands.traces import open_text
 from core.errors import UserInputError
-from core.io import atomic_path, write_json_atomic, write_text_atomic
+from core.io import atomic_path, check_output_folder, write_json_atomic, write_text_atomic
 from evaluation.decoding import DecodingSpec
 
 BINS = [f"({b / 10:.1f}, {(b + 1) / 10:.1f}]" for b in range(10)]
@@ -32,26 +33,31 @@ def read_traces(path: Path, ranks: int) -> tuple[np.ndarray, np.ndarray]:
     """(probs [N, ranks] of the top `ranks` tokens, gold rank [N]: 1..ranks, 0 = not among them)."""
     if not path.is_file():
         raise UserInputError(f"{path}: file not found")
-    probs, gold = [], []
-    with open_text(path, "r") as file:
-        for number, line in enumerate(tqdm(file, desc="reading traces", unit=" positions"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                ids, values, gt = record["top_ids"], [float(p) for p in record["top_probs"]], record["gt"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise UserInputError(
-                    f"{path}:{number}: not a trace line {{gt, top_ids, top_probs}} ({error})"
-                ) from None
-            if len(ids) != len(values) or len(ids) < ranks:
-                raise UserInputError(
-                    f"{path}:{number}: {len(ids)} ids and {len(values)} probs, need {ranks} of each (ranks={ranks})"
-                )
-            if not all(0 <= p <= 1 for p in values[:ranks]):
-                raise UserInputError(f"{path}:{number}: probabilities must be in [0, 1]")
-            probs.append(values[:ranks])
-            gold.append(ids.index(gt) + 1 if gt in ids[:ranks] else 0)
+    probs, gold, number = [], [], 0
+    try:
+        with open_text(path, "r") as file:
+            for number, line in enumerate(tqdm(file, desc="reading traces", unit=" positions"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    ids, values, gt = record["top_ids"], [float(p) for p in record["top_probs"]], record["gt"]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                    raise UserInputError(
+                        f"{path}:{number}: not a trace line {{gt, top_ids, top_probs}} ({error})"
+                    ) from None
+                if len(ids) != len(values) or len(ids) < ranks:
+                    raise UserInputError(
+                        f"{path}:{number}: {len(ids)} ids and {len(values)} probs, need {ranks} of each (ranks={ranks})"
+                    )
+                if not all(0 <= p <= 1 for p in values[:ranks]):
+                    raise UserInputError(f"{path}:{number}: probabilities must be in [0, 1]")
+                probs.append(values[:ranks])
+                gold.append(ids.index(gt) + 1 if gt in ids[:ranks] else 0)
+    except (EOFError, OSError, UnicodeDecodeError, zlib.error) as error:  # a truncated or corrupt (.gz) file
+        raise UserInputError(
+            f"{path}: unreadable after line {number} (truncated or corrupt? {type(error).__name__}: {error})"
+        ) from None
     if not probs:
         raise UserInputError(f"{path}: no trace lines")
     return np.asarray(probs, dtype=np.float64), np.asarray(gold)
@@ -146,6 +152,7 @@ def calibrate(
         raise UserInputError(f"calibrate: ranks must be an integer >= 1, got {ranks}")
     if not 0 < threshold < 1:
         raise UserInputError(f"calibrate: threshold must be in (0, 1), got {threshold}")
+    check_output_folder(output_dir, "calibrate --output_dir")
     probs, gold = read_traces(Path(traces), ranks)
     grid = calibration_grid(probs, gold)
     a, b, points = power_law_fit(grid["acc"], grid["mu_uncond"])

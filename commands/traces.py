@@ -20,8 +20,8 @@ from core.errors import UserInputError
 from core.io import atomic_path
 from datamodules.batching import collate
 from evaluation.teacher_forcing import teacher_forced_chunks
-from models.loader import load_finetuned_model
-from models.loading import ModelSpec, load_tokenizer
+from models.loader import load_trained
+from models.loading import ModelSpec
 from tasks.examples import get_task, load_examples, seeded_subset
 from tasks.prompts import PromptFormatter, PromptSpec
 
@@ -108,9 +108,9 @@ def traces(
         return path
     examples = load_examples(get_task(task), data_path, split)
     examples = seeded_subset(examples, limit, seed)
-    tokenizer = load_tokenizer(model_spec)
+    trained = load_trained(model_spec, checkpoint)
+    tokenizer, network = trained.tokenizer, trained.model.requires_grad_(False)
     formatter = PromptFormatter(tokenizer, prompt or PromptSpec())
-    network = load_finetuned_model(model_spec, checkpoint).requires_grad_(False).eval()
     if torch.cuda.is_available():
         network = network.cuda()
     if k > network.config.vocab_size:

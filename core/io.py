@@ -11,6 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserInputError
+
+# What a run directory holds before it has produced anything: the logger's events file and the config copies.
+RUN_BOOKKEEPING = ("events.out.tfevents.*", "config.yaml", "hparams.yaml")
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -18,9 +23,27 @@ def _umask() -> int:
     return mask
 
 
+def check_output_folder(path: str | Path, what: str) -> None:
+    """Refuse (one line naming `what`) an output folder that cannot be made because it, or a folder above it,
+    is a file. Nothing is created."""
+    path = Path(path)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                where = "is a file" if ancestor == path else f"is under '{ancestor}', a file"
+                raise UserInputError(f"{what}: the output folder '{path}' {where}; choose another folder")
+            return
+
+
+def make_folder(path: Path) -> None:
+    """`mkdir -p path`, with one clear error when a file is in the way."""
+    check_output_folder(path, "output")
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
@@ -43,7 +66,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `path` (an older `path` is removed only then)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-partial-", dir=path.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:
@@ -68,7 +91,7 @@ def run_directory(trainer: Any) -> Path:
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path` to stream into; on success it becomes `path` (atomic rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(handle)
     try:
@@ -77,3 +100,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def missing_folders(run_dir: Path) -> list[Path]:
+    """`run_dir` and the folders above it that do not exist yet (innermost first): what a run will create."""
+    return [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
+
+
+def holds_only_bookkeeping(run_dir: Path) -> bool:
+    """True when `run_dir` holds nothing but the logger's events files and config copies (no output)."""
+    return all(
+        entry.is_file() and any(entry.match(pattern) for pattern in RUN_BOOKKEEPING) for entry in run_dir.iterdir()
+    )
+
+
+def remove_unused_run(created: list[Path]) -> bool:
+    """Remove the folders a failed run created (`missing_folders` before it started, innermost first) when
+    the run directory holds only bookkeeping; the folders above it only when left empty. True if removed."""
+    if not created or not created[0].is_dir() or not holds_only_bookkeeping(created[0]):
+        return False
+    shutil.rmtree(created[0])
+    for folder in created[1:]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return True

@@ -15,7 +15,15 @@ def read_json_records(path: Path) -> tuple[list[dict], list[str]]:
     """
     if not path.is_file():
         raise UserInputError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UserInputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "save the file as UTF-8"
+        ) from None
     if path.suffix == ".json":
         try:
             records = json.loads(text)

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
+def first_ids(ids: list[str], shown: int = 5) -> str:
+    """' (ids a, b, c and 7 more)': the first few example ids of a warning ('' for none)."""
+    if not ids:
+        return ""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f" (ids {', '.join(ids[:shown])}{more})"
+
+
 class ReasoningDataModule(LightningDataModule):
     """Question/solution data of one task, tokenised with the model's tokenizer.
 
@@ -190,7 +198,7 @@ class ReasoningDataModule(LightningDataModule):
         max_length drops a training/validation example (with a warning) but is an error at test time,
         where dropping questions would silently change the accuracy's denominator."""
         formatter, max_length, planning = self.formatter, self.hparams.max_length, self.planning
-        rows, truncated, dropped = [], 0, 0
+        rows, truncated, dropped = [], [], []
         self.gold_types[name] = {}
         for example in examples:
             response = self.planned_response(example) if planning.active else example.response
@@ -203,9 +211,10 @@ class ReasoningDataModule(LightningDataModule):
                         f"data: the prompt of test example '{example.id}' has {len(prompt_ids)} tokens, "
                         f"data.max_length is {max_length}: raise max_length"
                     )
-                dropped += 1
+                dropped.append(example.id)
                 continue
-            truncated += len(input_ids) > max_length
+            if len(input_ids) > max_length:
+                truncated.append(example.id)
             answer = example.answer or self.answer_format.extract(example.response) or ""
             rows.append(
                 {
@@ -219,11 +228,14 @@ class ReasoningDataModule(LightningDataModule):
             )
         if truncated or dropped:
             log.warning(
-                "%s: %d examples truncated to %d tokens, %d dropped (prompt alone too long)",
+                "%s: %d examples truncated to %d tokens%s, %d dropped (prompt alone too long)%s; "
+                "raise data.max_length to keep them whole",
                 name,
-                truncated,
+                len(truncated),
                 max_length,
-                dropped,
+                first_ids(truncated),
+                len(dropped),
+                first_ids(dropped),
             )
         if not rows:
             raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")
@@ -283,8 +295,9 @@ class ReasoningDataModule(LightningDataModule):
         dataset = self.splits[split]
         prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
         by_prompt_length = sorted(range(len(dataset)), key=lambda i: -prompt_lengths[i])
+        ordered = dataset.select(by_prompt_length)  # similar prompt lengths share a batch: little left padding
         return DataLoader(
-            dataset.select(by_prompt_length),  # similar prompt lengths share a batch: little left padding
+            ordered.add_column("position", list(range(len(ordered)))),  # the rows' order across processes
             batch_size=self.hparams.eval_batch_size,
             collate_fn=self._collate(with_prompts=True),
             num_workers=self.hparams.num_workers,

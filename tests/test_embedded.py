@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_readme_main_job_on_the_embedded_model(tmp_path):
     """The README's main job (LoRA + planning tokens), shortened to a few steps: fit, validate, checkpoint, export."""
     command = [
@@ -54,6 +55,7 @@ def test_readme_main_job_on_the_embedded_model(tmp_path):
     assert tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_selection_training_and_dynamics_on_the_embedded_model(tmp_path):
     """select -> fit train_high.yaml with the live dynamics callback -> offline `dynamics` of the run."""
     from commands.dynamics import dynamics

@@ -1,0 +1,144 @@
+"""One line out of jsonargparse's nested parse errors: the key at fault and, for an unknown key, its valid
+neighbours (did-you-mean).
+
+jsonargparse reports a bad key inside a class (`--model.init_args.lora.rank 8`, a YAML `lora: {rr: 8}`) as a
+tree of "Parser key" / "Does not validate against any of the Union subtypes" / "Problem with given class_path"
+lines around the one line that matters. `one_line` walks that tree by indentation to the first leaf, rebuilds
+the dotted key from its ancestors and lists the keys the class at that place accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import typing
+
+STRUCTURE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+)
+PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+UNKNOWN_OPTION = re.compile(r"Option '([^']+)' is not accepted")
+UNKNOWN_IN_GROUP = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
+UNKNOWN_IN_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
+MAX_LISTED = 20  # valid keys listed in full up to this many
+UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
+
+
+def one_line(message: str, options: list[str] | None = None) -> str:
+    """The one line to show for jsonargparse error `message`; `options` are the top-level dotted option names
+    (neighbours of an unrecognised top-level argument)."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    ancestors: list[tuple[int, str]] = []
+    leaf = None
+    for line in lines:
+        indent, text = len(line) - len(line.lstrip()), line.strip().removeprefix("- ")
+        while ancestors and ancestors[-1][0] >= indent:
+            ancestors.pop()
+        if PARSER_KEY.fullmatch(text.rstrip(":")) or CLASS_PATH.fullmatch(text.rstrip(":")):
+            ancestors.append((indent, text.rstrip(":")))
+        elif not text.startswith(STRUCTURE):
+            leaf = text
+            break
+    if leaf is None:
+        return " ".join(line.strip() for line in lines)[:300]
+    keys, owner = _place(ancestors)
+    if match := UNKNOWN_OPTION.fullmatch(leaf):
+        return _unknown([*keys, match.group(1)], _parameters(owner))
+    if match := UNKNOWN_IN_SUBCOMMAND.fullmatch(leaf):
+        return _unknown_option(match.group(1).split("."), options or [])
+    if match := UNKNOWN_IN_GROUP.fullmatch(leaf):
+        group, name = match.groups()
+        if owner is None:
+            return _unknown_option([*group.split("."), name], options or [])
+        return _unknown([*keys, group, name], _parameters(_field_type(owner, group)))
+    if match := UNRECOGNIZED.fullmatch(leaf):
+        given = next((token for token in match.group(1).split() if token.startswith("--")), None)
+        if given is None:
+            return f"unrecognized arguments: {match.group(1)}"
+        parts = given[2:].split("=", 1)[0].split(".")
+        if owner is None:
+            return _unknown_option(parts, options or [])
+        for depth, part in enumerate(parts):  # the first part the class (or its nested dataclasses) lacks
+            if part not in _parameters(owner) or depth == len(parts) - 1:
+                return _unknown([*keys, *parts[: depth + 1]], _parameters(owner))
+            owner = _field_type(owner, part)
+    key = ".".join(keys)
+    return f"{key}: {leaf}" if key else leaf
+
+
+def _place(ancestors: list[tuple[int, str]]) -> tuple[list[str], type | None]:
+    """The dotted key of the leaf (with `init_args` below a class given by class_path) and the innermost class."""
+    keys: list[str] = []
+    owner = None
+    for _, text in ancestors:
+        if match := PARSER_KEY.fullmatch(text):
+            keys.extend(match.group(1).split("."))
+        elif match := CLASS_PATH.fullmatch(text):
+            owner = _import(match.group(1))
+            if owner is not None and not dataclasses.is_dataclass(owner):
+                keys.append("init_args")
+    return keys, owner
+
+
+def _unknown(keys: list[str], valid: list[str]) -> str:
+    name = keys[-1]
+    line = f"unknown key '{'.'.join(keys)}'"
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    if close:
+        line += f": did you mean {' or '.join(repr(c) for c in close)}?"
+    where = ".".join(keys[:-1]) or "the top level"
+    if 0 < len(valid) <= MAX_LISTED:
+        line += f" ({where} takes: {', '.join(valid)})"
+    elif valid:
+        line += f" (--help lists the {len(valid)} keys {where} takes)"
+    return line
+
+
+def _unknown_option(parts: list[str], options: list[str]) -> str:
+    """An unrecognised top-level option: neighbours among the options of the deepest group it names."""
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = "".join(f"{part}." for part in parts[:depth])
+        siblings = sorted({option[len(prefix) :].split(".")[0] for option in options if option.startswith(prefix)})
+        if siblings:
+            return _unknown(parts[: depth + 1], siblings)
+    return _unknown(parts, [])
+
+
+def _import(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _parameters(owner: type | None) -> list[str]:
+    if owner is None:
+        return []
+    try:
+        parameters = inspect.signature(owner).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _field_type(owner: type | None, name: str) -> type | None:
+    """The class of `owner`'s argument `name` (Optional[X] -> X); None when it is not a class."""
+    if owner is None:
+        return None
+    try:
+        hints = typing.get_type_hints(owner if dataclasses.is_dataclass(owner) else owner.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no neighbours, still one line
+        return None
+    hint = hints.get(name)
+    candidates = typing.get_args(hint) or (hint,)
+    return next((c for c in candidates if inspect.isclass(c) and c is not type(None)), None)

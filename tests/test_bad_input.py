@@ -1,0 +1,296 @@
+"""Bad input and faults through `cli.main`: exit code 2, one `error:` line naming the file / line / key, no
+traceback, and no partial output (no run directory, no output folder) left behind."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cli import main
+from datamodules.reasoning import ReasoningDataModule
+from tasks.examples import TASKS, load_examples
+from tasks.prompts import PromptFormatter, PromptSpec
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_TRAIN = REPO / "data/gsm8k/train.jsonl"
+ONE_STEP = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--export.enabled", "false")
+TRUNCATED = "unreadable (truncated or corrupt?"
+PICKLED = "not a plain-weights checkpoint (refused:"
+
+
+def tiny_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs/planning_gsm8k.yaml"),
+        "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
+        "--model.init_args.backbone.name", str(model),
+        "--data.train_limit", "8", "--data.val_size", "4", "--data.eval_batch_size", "4",
+        "--data.max_length", "1024",
+        "--model.init_args.generation.max_new_tokens", "4",
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def slot_args(model: Path, save_dir: Path, checkpoint: Path) -> list[str]:
+    return [
+        "test", "--config", str(REPO / "configs/slot.yaml"),
+        "--model.init_args.backbone.name", str(model), "--model.init_args.checkpoint", str(checkpoint),
+        "--data.test_limit", "2", "--trainer.logger.init_args.save_dir", str(save_dir),
+    ]  # fmt: skip
+
+
+def error_line(args: list[str], capsys) -> str:
+    """Run `cli.main(args)`; it must exit 2 with exactly one `error:` line and no traceback. Returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err and "usage:" not in err, err
+    return errors[0]
+
+
+def gsm8k_lines(count: int) -> list[bytes]:
+    return GSM8K_TRAIN.read_bytes().splitlines(keepends=True)[:count]
+
+
+def non_utf8_file(path: Path, bad_line: int) -> Path:
+    """A GSM8K JSONL file whose line `bad_line` (1-based) holds a Latin-1 byte."""
+    lines = gsm8k_lines(12)
+    lines[bad_line - 1] = lines[bad_line - 1].replace(b"a", b"caf\xe9", 1)
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A truncated checkpoint file and one that holds a pickled object (refused by weights_only loading)."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    state = {"state_dict": {f"model.layer{i}.weight": torch.randn(64, 64) for i in range(4)}, "global_step": 3}
+    torch.save(state, folder / "whole.ckpt")
+    data = (folder / "whole.ckpt").read_bytes()
+    (folder / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(code="runs on load")}, folder / "pickled.ckpt")
+    return {"truncated": folder / "truncated.ckpt", "pickled": folder / "pickled.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory) -> Path:
+    """The last checkpoint of a 1-step fit of the tiny model (mode lora+prompt-tuning, lora.r 16)."""
+    runs = tmp_path_factory.mktemp("trained")
+    main(["fit", *tiny_args(tiny_llama, runs, *ONE_STEP)])
+    return runs / "planning_gsm8k/version_0/checkpoints/last.ckpt"
+
+
+# 1. Non-UTF-8 bytes in a data file: the file and the line.
+
+
+def test_non_utf8_training_file_names_file_and_line_and_leaves_no_run(tiny_llama, tmp_path, capsys):
+    data = non_utf8_file(tmp_path / "latin1.jsonl", bad_line=7)
+    line = error_line(["fit", *tiny_args(tiny_llama, tmp_path / "runs", "--data.train_path", str(data))], capsys)
+    assert line.startswith(f"error: {data}:7: not UTF-8 text (byte 0xe9")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_utf8_candidates_and_pool_name_file_and_line(tmp_path, capsys):
+    data = non_utf8_file(tmp_path / "latin1.jsonl", bad_line=3)
+    out = tmp_path / "selection"
+    line = error_line(["select", "--candidates", str(data), "--output_dir", str(out)], capsys)
+    assert line.startswith(f"error: {data}:3: not UTF-8 text") and not out.exists()
+    pool = non_utf8_file(tmp_path / "pool.jsonl", bad_line=5)
+    line = error_line(["dynamics", "--folder", str(tmp_path), "--pool", str(pool)], capsys)
+    assert line.startswith(f"error: {pool}:5: not UTF-8 text")
+    assert not (tmp_path / "dynamics_offline").exists()
+
+
+# 2. and 3. Truncated and pickled-payload checkpoints: `test --ckpt_path` and SLOT's checkpoint.
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickled"])
+def test_bad_ckpt_path_is_one_line_before_anything_runs(kind, checkpoints, tiny_llama, tmp_path, capsys):
+    bad = checkpoints[kind]
+    line = error_line(["test", *tiny_args(tiny_llama, tmp_path / "runs", "--ckpt_path", str(bad))], capsys)
+    assert line.startswith(f"error: checkpoint '{bad}': {TRUNCATED if kind == 'truncated' else PICKLED}")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickled"])
+def test_bad_slot_checkpoint_is_one_line_and_leaves_no_run(kind, checkpoints, tiny_llama, tmp_path, capsys):
+    bad = checkpoints[kind]
+    line = error_line(slot_args(tiny_llama, tmp_path / "runs", bad), capsys)
+    assert line.startswith(f"error: checkpoint '{bad}': {TRUNCATED if kind == 'truncated' else PICKLED}")
+    assert not (tmp_path / "runs").exists()
+
+
+# 4. The output folder is a file (or under one).
+
+
+def test_output_folder_under_a_file(tiny_llama, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    line = error_line(["fit", *tiny_args(tiny_llama, blocker / "runs")], capsys)
+    assert line == (
+        f"error: trainer.logger.init_args.save_dir: the output folder '{blocker}/runs' is under '{blocker}', "
+        "a file; choose another folder"
+    )
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text(json.dumps({"question": "2+2?", "completions": ["4"]}) + "\n")
+    line = error_line(["select", "--candidates", str(candidates), "--output_dir", str(blocker)], capsys)
+    assert line == f"error: select --output_dir: the output folder '{blocker}' is a file; choose another folder"
+    assert blocker.read_text() == "not a folder\n"
+
+
+# 5. A truncated .jsonl.gz traces file for calibrate.
+
+
+def test_truncated_gzip_traces(tmp_path, capsys):
+    probs = [f"{0.5 ** (rank + 1):.8f}" for rank in range(20)]
+    lines = [json.dumps({"gt": i % 20, "top_ids": list(range(20)), "top_probs": probs}) for i in range(400)]
+    whole = gzip.compress(("\n".join(lines) + "\n").encode())
+    traces = tmp_path / "traces.jsonl.gz"
+    traces.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "calibration"
+    line = error_line(["calibrate", "--traces", str(traces), "--output_dir", str(out)], capsys)
+    assert line.startswith(f"error: {traces}: unreadable after line ") and "truncated or corrupt? EOFError" in line
+    assert not out.exists()
+
+
+# 6. A misspelt nested key: the key and its valid neighbours, not jsonargparse's nested Union error.
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["--model.init_args.lora.rank", "8"],
+            "error: unknown key 'model.init_args.lora.rank' (model.init_args.lora takes: r, alpha, dropout, "
+            "target_modules)",
+        ),
+        (
+            ["--config", "LORA_RR_YAML"],
+            "error: unknown key 'model.init_args.lora.rr': did you mean 'r'? (model.init_args.lora takes: r, alpha, "
+            "dropout, target_modules)",
+        ),
+        (
+            ["--model.init_args.generation.decoding", "{temprature: 0.7}"],
+            "error: unknown key 'model.init_args.generation.decoding.temprature': did you mean 'temperature'? "
+            "(model.init_args.generation.decoding takes: temperature, top_k, top_p, min_p, prob_threshold, "
+            "hewitt_epsilon, greedy_threshold, dynamic_top_k, edt_var, confidence_bin_only, cal_acc)",
+        ),
+        (
+            ["--model.init_args.planing.n_prefix", "2"],
+            "error: unknown key 'model.init_args.planing': did you mean 'planning'? (model.init_args takes: "
+            "backbone, mode, lora, planning, generation, rank_log, optimizer, scheduler)",
+        ),
+        (
+            ["--model.init_args.generation.decoding.top_kk", "3"],
+            "error: unknown key 'model.init_args.generation.decoding.top_kk': did you mean 'top_k' or 'top_p'?",
+        ),
+        (["--data.batch_sise", "4"], "error: unknown key 'data.batch_sise': did you mean 'batch_size' or"),
+        (
+            ["--config", "TRAINER_YAML"],
+            "error: unknown key 'trainer.max_epochz': did you mean 'max_epochs' or 'min_epochs' or 'max_steps'?",
+        ),
+    ],
+    ids=["cli-lora-rank", "yaml-lora-rr", "decoding-dict", "planing", "decoding-dotted", "data", "yaml-trainer"],
+)
+def test_misspelt_key_is_one_line_with_neighbours(extra, expected, tiny_llama, tmp_path, capsys):
+    configs = {
+        "LORA_RR_YAML": {"model": {"init_args": {"lora": {"rr": 8}}}},
+        "TRAINER_YAML": {"trainer": {"max_epochz": 3}},
+    }
+    for name, content in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(content))
+    extra = [str(tmp_path / f"{arg}.yaml") if arg in configs else arg for arg in extra]
+    line = error_line(["fit", *tiny_args(tiny_llama, tmp_path / "runs", *extra)], capsys)
+    assert line.startswith(expected)
+    assert not (tmp_path / "runs").exists()
+
+
+# 8. Model settings on the command line that the checkpoint's would replace.
+
+
+@pytest.mark.slow
+def test_model_override_with_ckpt_path_is_refused(trained, tiny_llama, tmp_path, capsys):
+    args = tiny_args(tiny_llama, tmp_path / "runs", "--ckpt_path", str(trained))
+    line = error_line(["test", *args, "--model.init_args.lora.r", "8"], capsys)
+    assert line == (
+        f"error: --model.init_args.lora.r 8: the checkpoint '{trained}' was trained with lora.r = 16, "
+        "and --ckpt_path rebuilds the model with the checkpoint's settings; drop the option"
+    )
+    line = error_line(["test", *args, "--model.init_args.mode=full"], capsys)
+    assert "--model.init_args.mode 'full'" in line and "mode = 'lora+prompt-tuning'" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_knobs_apply_with_ckpt_path(trained, tiny_llama, tmp_path):
+    """generation / rank_log are not saved hyper-parameters: given with --ckpt_path they are used (a rank log
+    is written only when rank_log is set); an override equal to the checkpoint's value passes."""
+    knobs = ["--model.init_args.rank_log", "{low_confidence: 0.3}", "--model.init_args.lora.r", "16"]
+    args = tiny_args(tiny_llama, tmp_path / "runs", "--ckpt_path", str(trained), "--data.test_limit", "2", *knobs)
+    main(["test", *args])
+    ranks = list((tmp_path / "runs/planning_gsm8k/version_0/samples").glob("test_step*_ranks.jsonl"))
+    assert len(ranks) == 1 and len(ranks[0].read_text().splitlines()) == 2
+
+
+# 9. An explicit existing run version on a new fit.
+
+
+@pytest.mark.slow
+def test_existing_run_version_is_refused_unless_overwrite(tiny_llama, tmp_path, capsys):
+    old = tmp_path / "runs/planning_gsm8k/version_0"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints/last.ckpt").write_bytes(b"the old run")
+    args = tiny_args(tiny_llama, tmp_path / "runs", "--trainer.logger.init_args.version", "version_0", *ONE_STEP)
+    line = error_line(["fit", *args], capsys)
+    assert line == (
+        f"error: trainer.logger.init_args.version: the run directory '{old}' already holds a run; resume it with "
+        "--ckpt_path last, choose another version, or start over in it with --overwrite_run true"
+    )
+    assert (old / "checkpoints/last.ckpt").read_bytes() == b"the old run"
+    main(["fit", *args, "--overwrite_run", "true"])
+    assert torch.load(old / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 1
+    assert yaml.safe_load((old / "config.yaml").read_text())["overwrite_run"] is False  # never saved as true
+
+
+# 10. A data error leaves no run directory (the logger made one before the data was read).
+
+
+def test_data_error_leaves_no_run_directory(tiny_llama, tmp_path, capsys):
+    lines = gsm8k_lines(12)
+    lines[4] = json.dumps({"question": "What is 2+2?"}).encode() + b"\n"
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b"".join(lines))
+    (tmp_path / "runs/planning_gsm8k/version_0").mkdir(parents=True)  # an earlier run's folder stays
+    line = error_line(["fit", *tiny_args(tiny_llama, tmp_path / "runs", "--data.train_path", str(data))], capsys)
+    assert line == f"error: {data}:5: missing field 'answer'"
+    assert [p.name for p in (tmp_path / "runs/planning_gsm8k").iterdir()] == ["version_0"]
+
+
+# 11. Truncation in training names the first dropped / truncated example ids.
+
+
+def test_truncation_warning_names_the_first_example_ids(tiny_tokenizer, tmp_path, caplog):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b"".join(gsm8k_lines(30)))
+    formatter = PromptFormatter(tiny_tokenizer, PromptSpec())
+    examples = load_examples(TASKS["gsm8k"], str(data), "train")
+    max_length = 1 + max(len(formatter.encode_prompt(e.question)) for e in examples)  # no prompt alone too long
+    module = ReasoningDataModule(train_path=str(data), val_size=4, max_length=max_length, tokenizer=tiny_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="datamodules.reasoning"):
+        train, _ = module._train_and_val()
+        module._encode(train, "train")
+    long = [e.id for e in train if len(formatter.encode_example(e.question, e.response)[0]) > max_length]
+    assert len(long) > 5
+    expected = f"train: {len(long)} examples truncated to {max_length} tokens (ids {', '.join(long[:5])} and "
+    assert expected + f"{len(long) - 5} more), 0 dropped" in caplog.text
