@@ -1,9 +1,13 @@
-"""LoRA fine-tuning throughput: our Lightning fit vs HF Trainer + PEFT, and FLOP/s vs this machine's matmul peak.
+"""LoRA fine-tuning cost: our Lightning fit vs HF Trainer + PEFT: real tokens/s, peak memory, final loss.
 
-Three arms train the same model on the same token ids, batch size and number of steps:
-  ours-grouped  our fit, length-grouped batches (the default)
-  ours-random   our fit, random batches (the same batches, in the same order, as the HF Trainer)
+Four arms train the same model on the same batches (the same examples, in the same order), each in its own
+process (so its peak resident memory is its own), with the LoRA init and the dropout RNG seeded alike:
   hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
+  ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits: ours before issue 13)
+  ours-chunked  our fit with `loss: chunked` (the head only at response positions, fp32 chunks)
+  ours-packed   ours-chunked plus `data.packing: true` (each batch's examples packed into rows of max_length)
+Real tokens are the non-padding tokens; every arm trains the same ones, so equal losses mean equal training.
+The FLOP figures count the work of a full-logit forward/backward (what the HF arm does) on the tokens.
 
 Run from the repository root:  python benchmarks/train_throughput.py [--quick]
 """
@@ -14,7 +18,9 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +44,11 @@ from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
 LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate
+ARMS = ("hf-trainer", "ours-hf-loss", "ours-chunked", "ours-packed")
 FORMULA = (
-    "FLOPs = (4 N_frozen + 6 N_lora) * tokens + 12 n_layers hidden * sum(seq_len^2). N_frozen: frozen Linear\n"
-    "weights incl. lm_head (forward 2N + input-grad backward 2N, no weight grads); N_lora: adapters (forward,\n"
-    "input and weight grads, 2N each); attention QK^T and AV on the full score matrix, backward 2x forward.\n"
-    "hw: padded tokens and lengths (what the hardware runs); useful: real (non-padding) tokens and lengths."
+    "useful FLOPs = (4 N_frozen + 6 N_lora) * tokens + 12 n_layers hidden * sum(seq_len^2) over the real tokens\n"
+    "and lengths: the work of a full-logit step (N_frozen: frozen Linear weights incl. lm_head, forward 2N +\n"
+    "input-grad 2N; N_lora: adapters, 6N); an arm that skips work (prompt logits, padding) shows a higher rate."
 )
 
 
@@ -55,6 +61,7 @@ class StepTimer:
         self.shapes: list[list[int]] = []
         self.step_rates: list[float] = []  # real tokens / s of each timed step
         self.masks: list[torch.Tensor] = []  # filled by the HF arm's collator, in step order
+        self.losses: list[float] = []  # training loss of every step
         self.threads = torch.get_num_threads()
 
     def step_end(self, mask: torch.Tensor) -> None:
@@ -74,19 +81,46 @@ class StepTimer:
 
 
 class LightningTimer(L.Callback):
-    def __init__(self, timer: StepTimer) -> None:
-        self.timer = timer
+    """Times our steps; seeds the RNG right before the model is built and before the first step, as HFTimer does."""
+
+    def __init__(self, timer: StepTimer, seed: int) -> None:
+        self.timer, self.seed = timer, seed
+
+    def setup(self, trainer, module, stage: str) -> None:
+        torch.manual_seed(self.seed)  # configure_model (LoRA init) runs next
+
+    def on_train_batch_start(self, trainer, module, batch: dict, batch_idx: int) -> None:
+        if trainer.global_step == 0:
+            torch.manual_seed(self.seed)  # the LoRA dropout masks start from the same state in every arm
 
     def on_train_batch_end(self, trainer, module, outputs, batch: dict, batch_idx: int) -> None:
+        self.timer.losses.append(float(outputs["loss"]))
         self.timer.step_end(batch["attention_mask"])
 
 
 class HFTimer(TrainerCallback):
-    def __init__(self, timer: StepTimer) -> None:
-        self.timer = timer
+    def __init__(self, timer: StepTimer, seed: int) -> None:
+        self.timer, self.seed = timer, seed
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == 0:
+            torch.manual_seed(self.seed)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self.timer.step_end(self.timer.masks[state.global_step - 1])
+
+
+class LossRecordingTrainer(Trainer):
+    """transformers.Trainer that keeps each step's loss (gradient accumulation 1: one micro-batch per step)."""
+
+    def __init__(self, *args, timer: StepTimer, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.timer = timer
+
+    def training_step(self, *args, **kwargs) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        self.timer.losses.append(float(loss))
+        return loss
 
 
 def matmul_peak(size: int, repeats: int = 5, rounds: int = 3) -> float:
@@ -118,7 +152,6 @@ def summarise(timer: StepTimer, terms: dict, peak: float) -> dict:
     """One arm's figures over its timed steps."""
     seconds = timer.end - timer.start
     per_token, attention = 4 * terms["n_frozen"] + 6 * terms["n_lora"], 12 * terms["n_layers"] * terms["hidden"]
-    flops_hw = (per_token * timer.padded + attention * timer.padded_sq) / seconds
     flops_useful = (per_token * timer.real + attention * timer.real_sq) / seconds
     return {
         "timed_steps": timer.steps - timer.warmup,
@@ -128,18 +161,19 @@ def summarise(timer: StepTimer, terms: dict, peak: float) -> dict:
         "seconds": seconds,
         "real_tokens_per_s": timer.real / seconds,
         "median_step_real_tokens_per_s": statistics.median(timer.step_rates),
-        "gflops_hw": flops_hw / 1e9,
         "gflops_useful": flops_useful / 1e9,
-        "fraction_of_peak_hw": flops_hw / peak,
         "fraction_of_peak_useful": flops_useful / peak,
         "threads": timer.threads,
         "batch_shapes": timer.shapes,
         "step_real_tokens_per_s": timer.step_rates,
+        "losses": timer.losses,
+        "final_loss": timer.losses[-1],
     }
 
 
-def datamodule(args: argparse.Namespace, tokenizer, group_by_length: bool) -> ReasoningDataModule:
-    """Our datamodule, set up, its train split cut to exactly one epoch of the run's steps (the same for every arm)."""
+def datamodule(args: argparse.Namespace, tokenizer, packing: bool = False) -> ReasoningDataModule:
+    """Our datamodule, set up, its train split cut to exactly one epoch of the run's steps (the same for every arm),
+    in random order (no length grouping: the HF Trainer's batches)."""
     needed = (args.warmup_steps + args.steps) * args.batch_size
     data = ReasoningDataModule(
         task="gsm8k",
@@ -148,7 +182,8 @@ def datamodule(args: argparse.Namespace, tokenizer, group_by_length: bool) -> Re
         max_length=args.max_length,
         val_size=8,
         train_limit=2 * needed,  # spares: the datamodule drops examples whose prompt alone exceeds max_length
-        group_by_length=group_by_length,
+        group_by_length=False,
+        packing=packing,
         seed=args.seed,
     )
     data.setup("fit")
@@ -156,10 +191,10 @@ def datamodule(args: argparse.Namespace, tokenizer, group_by_length: bool) -> Re
     return data
 
 
-def run_ours(args: argparse.Namespace, group_by_length: bool) -> tuple[StepTimer, dict]:
+def run_ours(args: argparse.Namespace, loss: str, packing: bool) -> tuple[StepTimer, dict]:
     """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer."""
     L.seed_everything(args.seed, verbose=False)
-    module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LoraSpec())
+    module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LoraSpec(), loss=loss)
     timer = StepTimer(args.warmup_steps)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -171,18 +206,18 @@ def run_ours(args: argparse.Namespace, group_by_length: bool) -> tuple[StepTimer
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[LightningTimer(timer)],
+        callbacks=[LightningTimer(timer, args.seed)],
     )
-    trainer.fit(module, datamodule=datamodule(args, module.tokenizer, group_by_length))
+    trainer.fit(module, datamodule=datamodule(args, module.tokenizer, packing))
     return timer, flop_terms(module.model)
 
 
 def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
-    """HF Trainer + PEFT on our datamodule's train split, in the order our random-batch arm uses."""
+    """HF Trainer + PEFT on our datamodule's train split, in the order our arms use."""
     spec = ModelSpec(name=args.model)
     tokenizer = load_tokenizer(spec)
-    train = datamodule(args, tokenizer, group_by_length=False).splits["train"]
-    order = list(EpochSeededRandomSampler(train, seed=args.seed))  # epoch 0 of our random-batch arm
+    train = datamodule(args, tokenizer).splits["train"]
+    order = list(EpochSeededRandomSampler(train, seed=args.seed))  # epoch 0 of our arms
     examples = [{"input_ids": train[i]["input_ids"], "labels": train[i]["labels"]} for i in order]
     timer = StepTimer(args.warmup_steps)
 
@@ -191,8 +226,9 @@ def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
         timer.masks.append(batch["attention_mask"])
         return batch
 
-    torch.manual_seed(args.seed)
-    model = get_peft_model(load_model(spec), LoraSpec().to_config())
+    model = load_model(spec)
+    torch.manual_seed(args.seed)  # as LightningTimer.setup: the same LoRA init
+    model = get_peft_model(model, LoraSpec().to_config())
     with tempfile.TemporaryDirectory() as output_dir:
         hf_args = TrainingArguments(  # defaults kept: no evaluation, 0 dataloader workers, weight decay 0
             output_dir=output_dir,
@@ -211,14 +247,36 @@ def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
             use_cpu=True,
             seed=args.seed,
         )
-        Trainer(
+        LossRecordingTrainer(
             model=model,
             args=hf_args,
             train_dataset=examples,
             data_collator=recording_collate,
-            callbacks=[HFTimer(timer)],
+            callbacks=[HFTimer(timer, args.seed)],
+            timer=timer,
         ).train()
     return timer, flop_terms(model)
+
+
+def run_arm(args: argparse.Namespace) -> dict:
+    """One arm in this process: its figures, and this process's peak resident memory."""
+    if args.arm == "hf-trainer":
+        timer, terms = run_hf(args)
+    else:
+        loss = "hf" if args.arm == "ours-hf-loss" else "chunked"
+        timer, terms = run_ours(args, loss=loss, packing=args.arm == "ours-packed")
+    figures = {key: value for key, value in vars(timer).items() if key != "masks"}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    return {"timer": figures, "terms": terms, "peak_rss_mb": peak_mb}
+
+
+def arm_in_subprocess(args: argparse.Namespace, arm: str) -> dict:
+    """`run_arm` in a fresh python process (its own peak memory), through a temporary JSON file."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "arm.json"
+        command = [sys.executable, __file__, "--arm", arm, "--arm-output", str(output), *args.forwarded]
+        subprocess.run(command, check=True)
+        return json.loads(output.read_text())
 
 
 def parse_args() -> argparse.Namespace:
@@ -231,43 +289,47 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (hf-trainer first)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 warm-up, 128 tokens")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm in this process
+    parser.add_argument("--arm-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.forwarded = sys.argv[1:]
     if args.quick:
         args.steps, args.warmup_steps, args.max_length, args.peak_size = 2, 1, 128, 1024
     if args.warmup_steps < 1 or args.steps < 1:
         parser.error("--steps and --warmup-steps must be >= 1")
+    if "hf-trainer" not in args.arms:
+        parser.error("--arms must include hf-trainer (the reference of every ratio)")
     return args
 
 
 def targets(arms: dict) -> dict[str, bool]:
-    """The issue's targets; 1.3x for the grouped arm only where grouping removed padding the Trainer pays for."""
-    hf, grouped, random_ = arms["hf-trainer"], arms["ours-grouped"], arms["ours-random"]
-    grouped_target = 1.3 if grouped["padding_fraction"] < hf["padding_fraction"] else 1.0
-    return {
-        "ours-random >= 1.0x hf-trainer": random_["ratio_vs_hf"] >= 1.0,
-        f"ours-grouped >= {grouped_target}x hf-trainer": grouped["ratio_vs_hf"] >= grouped_target,
-        "ours-grouped >= 60% of matmul peak (hw)": grouped["fraction_of_peak_hw"] >= 0.6,
-        "ours-random >= 60% of matmul peak (hw)": random_["fraction_of_peak_hw"] >= 0.6,
-    }
+    """The issue's targets, for each of our arms that changes the training cost (not ours-hf-loss)."""
+    checks = {}
+    for name in ("ours-chunked", "ours-packed"):
+        if name in arms:
+            arm = arms[name]
+            checks[f"{name} >= 1.2x hf-trainer real tokens/s"] = arm["ratio_vs_hf"] >= 1.2
+            checks[f"{name} <= 0.7x hf-trainer peak memory"] = arm["memory_ratio_vs_hf"] <= 0.7
+            checks[f"{name} final loss within 1e-5 of hf-trainer's"] = arm["final_loss_diff_vs_hf"] <= 1e-5
+    return checks
 
 
 def print_report(results: dict) -> None:
-    columns = ["steps", "real tok", "padded", "pad %", "seconds", "real tok/s", "vs HF", "median tok/s", "median vs HF"]
-    columns += ["GFLOP/s hw", "useful", "peak hw", "useful"]
+    columns = ["steps", "real tok", "padded", "pad %", "seconds", "real tok/s", "vs HF", "median vs HF"]
+    columns += ["peak MB", "vs HF", "final loss", "|diff| HF"]
     print(f"\nfp32 matmul peak: {results['matmul_peak_flops'] / 1e9:.1f} GFLOP/s\n{FORMULA}\n")
     print(f"{'arm':<13}" + "".join(f"{name:>13}" for name in columns))
     for name, a in results["arms"].items():
         cells = [a["timed_steps"], a["real_tokens"], a["padded_tokens"], f"{a['padding_fraction']:.1%}"]
         cells += [f"{a['seconds']:.2f}", f"{a['real_tokens_per_s']:.1f}", f"{a['ratio_vs_hf']:.2f}x"]
-        cells += [f"{a['median_step_real_tokens_per_s']:.1f}", f"{a['median_ratio_vs_hf']:.2f}x"]
-        cells += [f"{a['gflops_hw']:.1f}", f"{a['gflops_useful']:.1f}"]
-        cells += [f"{a['fraction_of_peak_hw']:.1%}", f"{a['fraction_of_peak_useful']:.1%}"]
+        cells += [f"{a['median_ratio_vs_hf']:.2f}x", f"{a['peak_rss_mb']:.0f}", f"{a['memory_ratio_vs_hf']:.2f}x"]
+        cells += [f"{a['final_loss']:.6f}", f"{a['final_loss_diff_vs_hf']:.1e}"]
         print(f"{name:<13}" + "".join(f"{cell:>13}" for cell in cells))
-    print(f"\nours-random and hf-trainer ran identical batches: {results['same_batches_random_vs_hf']}")
+    print(f"\nevery arm trained the same examples in the same order: {results['same_examples']}")
     if results["noisy"]:
         print("WARNING: step times varied (another process on the CPU?): trust the median columns more")
-    print(f"removing all of hf-trainer's padding gains at most {results['padding_bound']:.2f}x real tok/s")
     for target, passed in results["targets"].items():
         print(f"  {'PASS' if passed else 'FAIL'}  {target}")
 
@@ -277,31 +339,36 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
+    if args.arm:  # a child process: one arm
+        Path(args.arm_output).write_text(json.dumps(run_arm(args)))
+        return
     load = [os.getloadavg()[0]]
     peaks = [matmul_peak(args.peak_size)]
-    runs = {
-        "ours-grouped": run_ours(args, group_by_length=True),
-        "ours-random": run_ours(args, group_by_length=False),
-        "hf-trainer": run_hf(args),
-    }
+    runs = {arm: arm_in_subprocess(args, arm) for arm in args.arms}
     peaks.append(matmul_peak(args.peak_size))
     load.append(os.getloadavg()[0])
-    arms = {name: summarise(timer, terms, max(peaks)) for name, (timer, terms) in runs.items()}
+    arms = {}
+    for name, run in runs.items():
+        timer = StepTimer(args.warmup_steps)
+        timer.__dict__.update(run["timer"])
+        arms[name] = summarise(timer, run["terms"], max(peaks)) | {"peak_rss_mb": run["peak_rss_mb"]}
+    hf = arms["hf-trainer"]
     for arm in arms.values():
-        arm["ratio_vs_hf"] = arm["real_tokens_per_s"] / arms["hf-trainer"]["real_tokens_per_s"]
-        median_hf = arms["hf-trainer"]["median_step_real_tokens_per_s"]
-        arm["median_ratio_vs_hf"] = arm["median_step_real_tokens_per_s"] / median_hf
+        arm["ratio_vs_hf"] = arm["real_tokens_per_s"] / hf["real_tokens_per_s"]
+        arm["median_ratio_vs_hf"] = arm["median_step_real_tokens_per_s"] / hf["median_step_real_tokens_per_s"]
+        arm["memory_ratio_vs_hf"] = arm["peak_rss_mb"] / hf["peak_rss_mb"]
+        arm["final_loss_diff_vs_hf"] = abs(arm["final_loss"] - hf["final_loss"])
+        arm["max_step_loss_diff_vs_hf"] = max(abs(a - b) for a, b in zip(arm["losses"], hf["losses"], strict=True))
     wall_vs_median = [a["real_tokens_per_s"] / a["median_step_real_tokens_per_s"] for a in arms.values()]
     results = {
-        "settings": vars(args),
+        "settings": {key: value for key, value in vars(args).items() if key not in ("arm", "arm_output", "forwarded")},
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "load_average_1min_before_after": load},
         "matmul_peak_flops": max(peaks),
         "matmul_peak_flops_before_after": peaks,
         "flop_formula": FORMULA,
-        "flop_terms": runs["hf-trainer"][1],
-        "same_batches_random_vs_hf": arms["ours-random"]["batch_shapes"] == arms["hf-trainer"]["batch_shapes"],
+        "flop_terms": runs["hf-trainer"]["terms"],
+        "same_examples": len({a["real_tokens"] for a in arms.values()}) == 1,
         "noisy": any(abs(ratio - 1) > 0.1 for ratio in wall_vs_median),
-        "padding_bound": 1 / (1 - arms["hf-trainer"]["padding_fraction"]),
         "arms": arms,
         "targets": targets(arms),
     }

@@ -99,3 +99,42 @@ def collate(features: list[dict], pad_id: int, answer_format: str | None = None)
         if "position" in features[0]:
             batch["position"] = [f["position"] for f in features]
     return batch
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` in as few rows of at most `capacity` tokens as it finds
+    (longest first, each into the first row with room; ties keep their order). Deterministic."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([]), room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def pack_collate(features: list[dict], pad_id: int, max_length: int) -> dict:
+    """The examples of a batch packed into as few rows of at most `max_length` tokens as fit (`pack_rows`), with
+    `position_ids` restarting at 0 for every example (the model derives from them that no attention crosses
+    examples) and no label on an example's first token (nothing in its own example predicts it). Rows are padded
+    to the longest row only; padding is its own segment, labelled -100. `attention_mask` marks the real tokens
+    (for counting: the model is given the positions instead)."""
+    packed = []
+    for row in pack_rows([len(f["input_ids"]) for f in features], max(max_length, 1)):
+        ids, labels, positions = [], [], []
+        for index in row:
+            example = features[index]
+            ids += example["input_ids"]
+            labels += [-100, *example["labels"][1:]]
+            positions += range(len(example["input_ids"]))
+        packed.append((ids, labels, positions))
+    width = max(len(ids) for ids, _, _ in packed)
+    return {
+        "input_ids": pad_sequences([ids for ids, _, _ in packed], pad_id),
+        "attention_mask": pad_sequences([[1] * len(ids) for ids, _, _ in packed], 0),
+        "labels": pad_sequences([labels for _, labels, _ in packed], -100),
+        "position_ids": torch.tensor([positions + list(range(width - len(positions))) for _, _, positions in packed]),
+    }

@@ -14,7 +14,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from core.errors import UserInputError
-from datamodules.batching import EpochSeededRandomSampler, LengthGroupedBatchSampler, ResumingDataLoader, collate
+from datamodules.batching import (
+    EpochSeededRandomSampler,
+    LengthGroupedBatchSampler,
+    ResumingDataLoader,
+    collate,
+    pack_collate,
+)
 from models.loading import ModelSpec, cache_dir, load_model, load_tokenizer
 from tasks.examples import Example, get_task, load_examples, seeded_subset
 from tasks.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
@@ -54,6 +60,9 @@ class ReasoningDataModule(LightningDataModule):
         train_limit: use only this many training examples (seeded subset without replacement).
         test_limit: evaluate only this many test questions (seeded subset without replacement).
         group_by_length: batch training examples of similar length together (less padding).
+        packing: pack the `batch_size` examples of each training batch into as few rows of `max_length` tokens
+            as fit, each example with its own positions and no attention across examples: the same examples
+            and the same loss per step as without packing, with (almost) no padding computed.
         seed: seed of every subset and of the shuffling.
         num_workers: DataLoader worker processes.
         tokenizer: the model's tokenizer; `cli.py` links it from the model.
@@ -75,6 +84,7 @@ class ReasoningDataModule(LightningDataModule):
         train_limit: int | None = None,
         test_limit: int | None = None,
         group_by_length: bool = True,
+        packing: bool = False,
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -259,7 +269,11 @@ class ReasoningDataModule(LightningDataModule):
         dataset, hp = self.splits["train"], self.hparams
         sampler = EpochSeededRandomSampler(dataset, seed=hp.seed)
         loader_args = {
-            "collate_fn": self._collate(with_prompts=False),
+            "collate_fn": (
+                partial(pack_collate, pad_id=self.tokenizer.pad_token_id, max_length=hp.max_length)
+                if hp.packing
+                else self._collate(with_prompts=False)
+            ),
             "num_workers": hp.num_workers,
             "batches_done": self._batches_trained_in_resumed_epoch,
             # Iterators draw their base seed from this generator, not from the global RNG that dropout uses

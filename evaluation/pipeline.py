@@ -87,12 +87,3 @@ def batch_seed(seed: int, question_ids: list[str]) -> int:
     """A seed determined by `seed` and the batch's questions (stable across processes and runs)."""
     digest = hashlib.sha256(json.dumps([seed, list(question_ids)]).encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
-
-
-def response_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: the summed next-token cross-entropy over the labelled (response) tokens, and their count."""
-    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(targets.shape)
-    return losses.sum(-1), (targets != -100).sum(-1)

@@ -18,15 +18,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from core.checkpoint_file import last_finite_checkpoint
 from core.errors import TrainingStopped, UserInputError
 from evaluation.generation import GenerationSpec
-from evaluation.pipeline import evaluate_batch, response_losses
+from evaluation.pipeline import evaluate_batch
 from evaluation.rank_log import RankLogSpec
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
+from evaluation.teacher_forcing import response_loss, response_losses
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
+from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec, load_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
 
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
 TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
+Loss = Literal["chunked", "hf", "liger"]
 EXPLODING_GROWTH = 10.0
 """An optimizer step that multiplies the norm of the trainable weights by more than this is a blow-up."""
 
@@ -40,6 +43,10 @@ class CausalLMFineTuner(LightningModule):
             prompt-tuning (only the planning tokens' embedding and lm_head rows), lora+prompt-tuning (both),
             qlora+prompt-tuning (both, on a 4/8-bit model).
         lora: adapter settings of the lora / qlora modes.
+        loss: how the training loss (mean cross-entropy over the response tokens) is computed:
+            chunked (the output head only at the response positions, fp32, in chunks: no [batch, length, vocab]
+            logits), hf (the model's own `labels=` loss over full logits), liger (Liger's fused linear
+            cross-entropy plus its RMSNorm / SwiGLU kernels; needs CUDA and the liger-kernel package).
         planning: planning tokens (step-type selection, n_prefix, n_special); added to the tokenizer here,
             the datamodule writes them into the targets (linked by `cli.py`).
         generation: decoding used for validation / test accuracy and predictions.
@@ -54,6 +61,7 @@ class CausalLMFineTuner(LightningModule):
         backbone: ModelSpec | None = None,
         mode: Mode = "lora",
         lora: LoraSpec | None = None,
+        loss: Loss = "chunked",
         planning: PlanningSpec | None = None,
         generation: GenerationSpec | None = None,
         rank_log: RankLogSpec | None = None,
@@ -61,8 +69,9 @@ class CausalLMFineTuner(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        # evaluation knobs are kept out of the hparams that `--ckpt_path` re-applies over the config
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log"])
+        # evaluation knobs and the loss kernel (a compute choice: a liger-trained checkpoint evaluates on a CPU) are
+        # kept out of the hparams that `--ckpt_path` re-applies over the config
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log", "loss"])
         backbone = backbone or ModelSpec()
         if mode.startswith("qlora") and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
@@ -70,7 +79,7 @@ class CausalLMFineTuner(LightningModule):
             raise UserInputError(
                 f"model.backbone.quantization={backbone.quantization} needs mode: qlora or qlora+prompt-tuning"
             )
-        self.backbone, self.mode = backbone, mode
+        self.backbone, self.mode, self.loss = backbone, mode, loss
         self.lora = lora or LoraSpec()
         self.generation = generation or GenerationSpec()
         self.rank_log = rank_log
@@ -94,9 +103,12 @@ class CausalLMFineTuner(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = build_trainable_model(
-            load_model(self.backbone), self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens
-        )
+        if self.loss == "liger":
+            check_liger(self.trainer.strategy.root_device if self._trainer is not None else self.device)
+        base = load_model(self.backbone)
+        if self.loss == "liger":
+            apply_liger_kernels(base)
+        model = build_trainable_model(base, self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens)
         self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
 
     def configure_optimizers(self):
@@ -114,11 +126,15 @@ class CausalLMFineTuner(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token loss over the response tokens, and how many tokens it averages."""
-        output = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        )
-        return output.loss, (batch["labels"][:, 1:] != -100).sum()
+        """Mean next-token loss over the response tokens, and how many tokens it averages. Packed batches carry
+        `position_ids` (one segment per example), which replace the 2D mask."""
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "position_ids") if key in batch}
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        if self.loss == "hf":
+            if "position_ids" in inputs:  # with no 2D mask and no cache, the model reads the packing from them
+                inputs["attention_mask"] = None
+            return self.model(**inputs, use_cache=False).loss, tokens
+        return response_loss(self.model, **inputs, fused=self.loss == "liger"), tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)
@@ -180,8 +196,7 @@ class CausalLMFineTuner(LightningModule):
 
     def _evaluate(self, batch: dict) -> None:
         """Rows of the batch's questions, each with the teacher-forced loss of its gold response."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sums, tokens = response_losses(logits, batch["labels"])
+        loss_sums, tokens = response_losses(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         rows = self._generate(batch)
         for row, loss_sum, count in zip(rows, loss_sums.tolist(), tokens.tolist(), strict=True):
             row.loss_sum, row.loss_tokens = loss_sum, count

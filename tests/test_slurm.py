@@ -47,13 +47,14 @@ def slurm_environment(bin_dir: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactly(tiny_llama, tmp_path):
     straight, slurm = tmp_path / "straight", tmp_path / "slurm"
-    assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2")]) == 0
+    packing = ("--data.packing", "true")  # packed batches (and the chunked loss) resume exactly too
+    assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2", *packing)]) == 0
 
     bin_dir = fake_commands(tmp_path / "bin", ("scontrol",))
     progress = tmp_path / "step.txt"
     reporter = json.dumps({"class_path": "helpers.ReportSteps", "init_args": {"path": str(progress)}})
     args = tiny_args(tiny_llama, slurm, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(slurm),
-                     "--trainer.logger.init_args.version", "0")  # fmt: skip
+                     "--trainer.logger.init_args.version", "0", *packing)  # fmt: skip
     command = [sys.executable, str(REPO / "cli.py"), "fit", *args]
     first = subprocess.Popen([*command, f"--trainer.callbacks+={reporter}"], env=slurm_environment(bin_dir),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip

@@ -72,3 +72,25 @@ def test_a_peft_model_scores_like_its_merged_weights() -> None:
     torch.testing.assert_close(
         chunk.log_probs.gather(-1, chunk.targets[:, None])[:, 0], reference_log_probs(merged, ids[0].tolist())
     )
+
+
+def test_per_row_response_losses_equal_each_rows_own_labels_loss() -> None:
+    """Validation's per-question loss: each row's sum equals the model's own `labels=` loss of that row alone."""
+    from evaluation.teacher_forcing import response_losses
+
+    model = build_tiny_model("qwen2", 300, tie_word_embeddings=False).eval()
+    rows = [[5, 9, 14, 30, 2, 8], [7, 3, 11], [4, 4, 4, 4, 4, 4, 4, 4]]
+    labelled_from = [3, 1, 5]  # the response starts here; the prompt before it is not scored
+    ids, mask = padded(rows, "right")
+    labels = torch.full_like(ids, -100)
+    for row, (tokens, start) in enumerate(zip(rows, labelled_from, strict=True)):
+        labels[row, start : len(tokens)] = torch.tensor(tokens[start:])
+    sums, counts = response_losses(model, ids, mask, labels)
+    for row, (tokens, start) in enumerate(zip(rows, labelled_from, strict=True)):
+        alone = torch.tensor([tokens])
+        own = torch.full_like(alone, -100)
+        own[0, start:] = alone[0, start:]
+        with torch.no_grad():
+            loss = model(input_ids=alone, labels=own).loss
+        assert counts[row] == len(tokens) - start
+        assert sums[row].item() == pytest.approx(loss.item() * (len(tokens) - start), rel=1e-5)
