@@ -17,6 +17,7 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.slurm import SlurmRequeue
 from core.io import run_directory, write_json_atomic
 from evaluation.likelihood import ScoringSpec, build_summary, load_pool, scalar_tags, score_pool, settings_record
 from tasks.examples import DATA_DIR
@@ -88,7 +89,8 @@ class LikelihoodDynamics(L.Callback):
             self._score(trainer, module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
-        if self.on_checkpoint and not trainer.sanity_checking:
+        # not on the hpc save at SLURM's time limit: the requeued job scores its own checkpoints
+        if self.on_checkpoint and not trainer.sanity_checking and not SlurmRequeue.requeue_pending(trainer):
             self._score(trainer, module)
 
     def _score(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -5,7 +5,9 @@ Under `srun`, Lightning detects the SLURM environment (ranks, world size, master
 `trainer.default_root_dir`, runs `scontrol requeue` and, on restart without `--ckpt_path`, resumes from it.
 
 This callback keeps that protocol but moves the save out of the signal handler: the handler only records
-the signal, and the checkpoint is written at the next optimizer-step boundary, after every rank agreed.
+the signal, and the checkpoint is written at the next optimizer-step boundary, or the next validation batch
+boundary when the signal arrives during validation, after every rank agreed. A `test` run stops at its next
+test batch the same way, without a checkpoint: the requeued job runs it again.
 A checkpoint written inside a signal handler can capture a half-done step (and under DDP deadlock against
 a collective in flight, Lightning issue #21406); one written at a boundary resumes bit-exactly. It also
 warns about the failure modes users report: python started without srun (no ranks, no requeue), a SIGTERM
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -47,13 +50,24 @@ def next_hpc_checkpoint(folder: Path) -> Path:
 
 
 class SlurmRequeue(L.Callback):
-    """On SLURM's requeue signal (or a bare SIGTERM), save an hpc checkpoint at the next optimizer step,
-    requeue the job and stop; a no-op outside SLURM or with `plugins: SLURMEnvironment(auto_requeue=False)`."""
+    """On SLURM's requeue signal (or a bare SIGTERM), save an hpc checkpoint at the next optimizer step (or
+    validation batch), requeue the job and stop; a no-op outside SLURM or with
+    `plugins: SLURMEnvironment(auto_requeue=False)`."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.previous_handlers: dict[int, object] = {}
         self.last_step = -1
+        self.requeueing = False
+
+    @staticmethod
+    def requeue_pending(trainer: L.Trainer) -> bool:
+        """Whether a SlurmRequeue of `trainer` got the time-limit signal (and saves or is about to save its hpc
+        checkpoint): work that can wait for the requeued job, like scoring likelihood dynamics, should."""
+        return any(
+            isinstance(callback, SlurmRequeue) and (callback.requeueing or callback.signal_name is not None)
+            for callback in trainer.callbacks
+        )
 
     @staticmethod
     def environment(trainer: L.Trainer) -> SLURMEnvironment | None:
@@ -78,11 +92,17 @@ class SlurmRequeue(L.Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)  # `test`: requeued and run again from its start (no training state to save)
+
+    def _listen(self, trainer: L.Trainer) -> None:
         environment = self.environment(trainer)
         if environment is None:
             return
         self.last_step = trainer.global_step
-        # Lightning registered its handlers just before training started: record instead of saving in them.
+        # Lightning registered its handlers just before the run started: record instead of saving in them.
         for signum in (environment.requeue_signal, signal.SIGTERM):
             self.previous_handlers[signum] = signal.signal(signum, self._record_signal)
 
@@ -99,15 +119,37 @@ class SlurmRequeue(L.Callback):
         if not self.previous_handlers or trainer.global_step == self.last_step:
             return  # not on SLURM, or mid gradient accumulation: not a step boundary
         self.last_step = trainer.global_step
+        self._requeue_if_signalled(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        # Validation inside `fit` (64 questions x 256 generated tokens) can outlast the warning: the training
+        # state is that of the last optimizer step, and the restarted job finishes this validation first.
+        if self.previous_handlers:
+            self._requeue_if_signalled(trainer)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self.previous_handlers:
+            self._requeue_if_signalled(trainer)
+
+    def _requeue_if_signalled(self, trainer: L.Trainer) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             return
-        path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
-        trainer.save_checkpoint(path, weights_only=False)  # the full training state
+        self.requeueing = True  # every rank: no dynamics scoring on this save
+        if trainer.state.fn == TrainerFn.FITTING:
+            path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
+            trainer.save_checkpoint(path, weights_only=False)  # the full training state
+            saved = f"saved {path} at step {trainer.global_step}"
+        else:
+            saved = f"{trainer.state.fn.value} stopped (its outputs are written only at its end); it runs again"
         if trainer.is_global_zero:
-            log.warning("%s: saved %s at step %d", self.signal_name or "signal", path, trainer.global_step)
+            log.warning("%s: %s", self.signal_name or "signal", saved)
             requeue()
         # Stop every rank now, never with success: if the requeue failed, the job must not count as completed
-        # (evaluations wait on `afterok`). The requeued job resumes from `path`.
+        # (evaluations wait on `afterok`). A requeued `fit` resumes from `path`.
         raise SIGTERMException(REQUEUE_EXIT_CODE)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -115,6 +157,9 @@ class SlurmRequeue(L.Callback):
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.previous_handlers = {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import random
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from datamodules.batching import collate
 from evaluation.teacher_forcing import teacher_forced_chunks
 from models.loader import load_trained
 from models.loading import ModelSpec
-from tasks.examples import get_task, load_examples
+from tasks.examples import get_task, load_examples, seeded_subset
 from tasks.prompts import PromptFormatter, PromptSpec
 
 
@@ -108,8 +107,7 @@ def traces(
         print(f"{path} exists: kept (--overwrite true to recompute)")
         return path
     examples = load_examples(get_task(task), data_path, split)
-    if limit is not None and limit < len(examples):
-        examples = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
+    examples = seeded_subset(examples, limit, seed)
     trained = load_trained(model_spec, checkpoint)
     tokenizer, network = trained.tokenizer, trained.model.requires_grad_(False)
     formatter = PromptFormatter(tokenizer, prompt or PromptSpec())

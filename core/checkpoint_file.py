@@ -31,3 +31,22 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(saved, dict):
         raise UserInputError(f"checkpoint '{path}': expected a dictionary of weights, found {type(saved).__name__}")
     return saved
+
+
+def last_finite_checkpoint(folders: list[Path], before_step: int) -> tuple[Path, int] | None:
+    """The newest `*.ckpt` in `folders` saved before optimizer step `before_step` whose weights are all finite,
+    with its step (links such as `last.ckpt` are named by their target); None when there is none. Unreadable
+    files are passed over."""
+    found: dict[Path, int] = {}
+    for path in {p.resolve() for folder in folders for p in Path(folder).glob("*.ckpt")}:
+        try:
+            saved = read_checkpoint(path)
+        except UserInputError:
+            continue
+        step, weights = saved.get("global_step", -1), saved.get("state_dict", {}).values()
+        if 0 <= step < before_step and all(torch.isfinite(value).all() for value in weights):
+            found[path] = step
+    if not found:
+        return None
+    path = max(found, key=lambda p: (found[p], p.stat().st_mtime))
+    return path, found[path]

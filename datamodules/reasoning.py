@@ -22,7 +22,7 @@ from datamodules.batching import (
     pack_collate,
 )
 from models.loading import ModelSpec, cache_dir, load_model, load_tokenizer
-from tasks.examples import Example, get_task, load_examples
+from tasks.examples import Example, get_task, load_examples, seeded_subset
 from tasks.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from tasks.prompts import PromptFormatter, PromptSpec
 from tasks.scoring import get_answer_format
@@ -124,10 +124,7 @@ class ReasoningDataModule(LightningDataModule):
             self.splits["val"] = self._encode(val, "validation")
         if stage in ("test", "predict") and "test" not in self.splits:
             examples = load_examples(self.task, hp.test_path, "test", hp.hub_subset)
-            if hp.test_limit and hp.test_limit < len(examples):
-                examples = [
-                    examples[i] for i in sorted(random.Random(hp.seed).sample(range(len(examples)), hp.test_limit))
-                ]
+            examples = seeded_subset(examples, hp.test_limit, hp.seed)
             self.source = hp.test_path or str(self.task.bundled.get("test"))
             self.test_examples = examples
             if self.planning.method not in CLUSTER_METHODS:  # learned types: encoded once a checkpoint is restored
@@ -157,18 +154,30 @@ class ReasoningDataModule(LightningDataModule):
         items = {
             name: [(e.id, e.question, split_steps(e.response, task)) for e in split] for name, split in splits.items()
         }
-        try:
-            self.typer, types = annotate_steps(
-                self.planning,
-                fit_on,
-                items,
-                cache_dir() / "planning",
-                self._step_embedder,
-                self.hparams.seed,
-                self.typer,
-            )
-        except ValueError as error:
-            raise UserInputError(f"model.planning ({self.planning.method}): {error}") from None
+        # Under DDP rank 0 alone embeds, fits and writes the cache; the other ranks receive its typer and types.
+        trainer = self.trainer
+        strategy = trainer.strategy if trainer is not None and trainer.world_size > 1 else None
+        result: tuple | str | None = None
+        if strategy is None or strategy.is_global_zero:
+            try:
+                typer, types = annotate_steps(
+                    self.planning,
+                    fit_on,
+                    items,
+                    cache_dir() / "planning",
+                    self._step_embedder,
+                    self.hparams.seed,
+                    self.typer,
+                )
+                result = (typer.tensors, types)
+            except ValueError as error:  # every rank stops with rank 0's message
+                result = f"model.planning ({self.planning.method}): {error}"
+        if strategy is not None:
+            result = strategy.broadcast(result, src=0)
+        if isinstance(result, str):
+            raise UserInputError(result)
+        tensors, types = result
+        self.typer = StepTyper(self.planning, tensors)
         for split_types in types.values():
             self.step_types.update(split_types)
 

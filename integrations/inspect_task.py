@@ -19,7 +19,7 @@ from inspect_ai.model import ChatMessageSystem, ChatMessageUser
 from inspect_ai.scorer import CORRECT, INCORRECT, Score, Target, accuracy, scorer, stderr
 from inspect_ai.solver import TaskState, generate
 
-from tasks.examples import get_task, load_examples
+from tasks.examples import get_task, load_examples, seeded_subset
 from tasks.scoring import score_completion
 
 
@@ -31,6 +31,7 @@ def reasoning(
     system_prompt: str = "",
     answer_format: str = "",
     limit: int = 0,
+    seed: int = 0,
 ) -> Task:
     """Answer accuracy on the questions of `data_path`.
 
@@ -40,12 +41,11 @@ def reasoning(
         prompt: the user message; `{question}` is replaced by the question (the training template).
         system_prompt: a system message ("" for none).
         answer_format: how answers are extracted and compared (default: the task's own).
-        limit: the first `limit` questions only (0 = all).
+        limit: only this many questions, the seeded subset `cli.py test --data.test_limit` takes (0 = all).
+        seed: seed of that subset (the run's `data.seed`).
     """
     reader = get_task(task_name)
-    examples = load_examples(reader, str(Path(data_path)), "test")
-    if limit:
-        examples = examples[:limit]
+    examples = seeded_subset(load_examples(reader, str(Path(data_path)), "test"), limit, seed)
     system = [ChatMessageSystem(content=system_prompt)] if system_prompt else []
     samples = [  # messages as given: inspect's system_message() would treat braces in the prompt as fields
         Sample(

@@ -6,13 +6,16 @@ checkpoints hold only the trainable weights; side effects (exports, sample table
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from core.checkpoint_file import last_finite_checkpoint
 from core.errors import TrainingStopped, UserInputError
 from evaluation.generation import GenerationSpec
 from evaluation.pipeline import evaluate_batch
@@ -28,6 +31,8 @@ from tasks.planning import CLUSTER_METHODS, PlanningSpec
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
 TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
 Loss = Literal["chunked", "hf", "liger"]
+EXPLODING_GROWTH = 10.0
+"""An optimizer step that multiplies the norm of the trainable weights by more than this is a blow-up."""
 
 
 class CausalLMFineTuner(LightningModule):
@@ -146,14 +151,46 @@ class CausalLMFineTuner(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            raise TrainingStopped(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}: training stopped "
-                "before the optimizer step; the last saved checkpoint is the last good one"
-            )
+        if not finite:  # the weights of this step produce it: only earlier checkpoints are good
+            step = self.global_step
+            self._stop(f"non-finite training loss ({loss.item()}) at step {step}: training stopped", step)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", tokens.float(), reduce_fx="sum")
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, checked before any callback can save its weights: weights that became non-finite,
+        or whose norm grew more than EXPLODING_GROWTH-fold in this one step (a learning rate far too high),
+        stop training."""
+        before = self._trainable_norm()
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        after = self._trainable_norm()
+        exploded = not math.isfinite(after) or (before > 0 and after > EXPLODING_GROWTH * before)
+        if self.trainer.strategy.reduce_boolean_decision(exploded, all=False):
+            rates = ", ".join(f"{lr:.3g}" for lr in sorted({group["lr"] for group in optimizer.param_groups}))
+            step = self.global_step
+            self._stop(
+                f"the optimizer step from step {step} to {step + 1} blew up the trainable weights (norm {before:.3g} "
+                f"-> {after:.3g}; learning rate {rates}: lower it): training stopped before they were saved",
+                step + 1,
+            )
+
+    def _trainable_norm(self) -> float:
+        norms = [
+            torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in self.parameters() if p.requires_grad
+        ]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+    def _stop(self, what: str, bad_step: int) -> None:
+        """Stop training, naming the newest checkpoint with finite weights saved before step `bad_step` (the
+        first step whose weights are bad), or saying that there is none."""
+        folders = [Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        good = last_finite_checkpoint(folders, bad_step)
+        if good is None:
+            raise TrainingStopped(f"{what}; no checkpoint was saved before step {bad_step}")
+        raise TrainingStopped(
+            f"{what}; the last checkpoint before step {bad_step}, with finite weights: {good[0]} (step {good[1]})"
+        )
 
     def on_validation_epoch_start(self) -> None:
         self.stage_rows = []

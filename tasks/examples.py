@@ -7,9 +7,11 @@ tokenised `datasets.Dataset` either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
 
@@ -17,6 +19,7 @@ from core.errors import UserInputError
 from core.records import read_json_records
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,12 @@ def load_examples(task: Task, source: str | None, split: str, hub_subset: str | 
             raise UserInputError(f"{where(index)}: missing field {', '.join(repr(m) for m in missing)}")
         examples.append(task.to_example(record, f"{split}-{index}"))
     return examples
+
+
+def seeded_subset(items: Sequence[T], limit: int | None, seed: int = 0) -> list[T]:
+    """`limit` items drawn without replacement with `random.Random(seed)`, kept in their original order (all of
+    them when `limit` is None, 0 or at least their number): the one subset rule of `cli.py test
+    --data.test_limit`, `traces --limit` and the inspect-ai task's `limit`, so they score the same questions."""
+    if not limit or limit >= len(items):
+        return list(items)
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]

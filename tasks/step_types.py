@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from core.io import write_json_atomic
+from core.io import atomic_path, write_json_atomic
 from tasks.planning import PlanningSpec
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class StepTyper:
 
     @classmethod
     def fit(cls, spec: PlanningSpec, embeddings: torch.Tensor, successor: torch.Tensor, seed: int = 0) -> StepTyper:
-        """Fit on the training steps; `successor[i]` is the row of step i's next step (itself for a last step)."""
+        """Fit on the training steps; `successor[i]` is the row of step i's next step (itself for a last step).
+        Seeded by `seed` alone; the global RNG is left as it was (training must not depend on the typer cache)."""
         if len(embeddings) < spec.num_types:
             raise ValueError(f"{len(embeddings)} training steps cannot form {spec.num_types} step types")
         if spec.method == "kmeans":
@@ -95,8 +96,9 @@ class StepTyper:
 
             kmeans = KMeans(n_clusters=spec.num_types, n_init=10, random_state=seed).fit(embeddings.double().numpy())
             return cls(spec, {"centres": torch.tensor(kmeans.cluster_centers_, dtype=torch.float32)})
-        torch.manual_seed(seed)
-        vae = StepVAE(embeddings.shape[1], spec.num_types)
+        with torch.random.fork_rng(devices=[]):  # the VAE's initialisation draws from the global RNG
+            torch.manual_seed(seed)
+            vae = StepVAE(embeddings.shape[1], spec.num_types)
         optimizer = torch.optim.Adam(vae.parameters(), lr=1e-4)
         generator = torch.Generator().manual_seed(seed)
         target = embeddings[successor] if spec.method == "vae-next-step" else embeddings
@@ -115,8 +117,9 @@ class StepTyper:
         """The type (0..K-1) of each embedding row."""
         if "centres" in self.tensors:
             return torch.cdist(embeddings.double(), self.tensors["centres"].double()).argmin(1).tolist()
-        vae = StepVAE(embeddings.shape[1], self.spec.num_types)
-        vae.load_state_dict({k.removeprefix("vae."): v for k, v in self.tensors.items()})
+        with torch.device("meta"):  # no initialisation: it would draw from the global RNG
+            vae = StepVAE(embeddings.shape[1], self.spec.num_types)
+        vae.load_state_dict({k.removeprefix("vae."): v for k, v in self.tensors.items()}, assign=True)
         with torch.no_grad():
             mean, _ = vae.encoder(embeddings).chunk(2, dim=-1)
         return mean.argmax(-1).tolist()  # argmax of softmax(mean)
@@ -168,8 +171,8 @@ def annotate_steps(
             offset += len(rows)
         typer = StepTyper.fit(spec, torch.cat(per_example), torch.tensor(successor), seed)
         if spec.cache:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(typer.tensors, str(folder / "typer.safetensors"))
+            with atomic_path(folder / "typer.safetensors") as temporary:
+                save_file(typer.tensors, str(temporary))
     typer_digest = hashlib.sha256()
     for key in sorted(typer.tensors):
         typer_digest.update(key.encode() + typer.tensors[key].numpy().tobytes())

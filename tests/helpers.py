@@ -50,3 +50,19 @@ class AssertTrainMode(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         assert module.model.training and all(layer.training for layer in module.model.modules())
+
+
+class ReportEvaluation(L.Callback):
+    """After every validation or test batch, writes "<global step> <batch index>" to `path` and sleeps `delay`
+    seconds, so a test can signal the process while it evaluates."""
+
+    def __init__(self, path: str, delay: float = 0.5) -> None:
+        self.path, self.delay = path, delay
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        with open(self.path, "w") as file:
+            file.write(f"{trainer.global_step} {batch_idx}")
+        time.sleep(self.delay)
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.on_validation_batch_end(trainer, module, outputs, batch, batch_idx, dataloader_idx)

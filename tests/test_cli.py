@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli, main
+from core.checkpoint_file import last_finite_checkpoint
 from core.errors import UserInputError
 from evaluation.generation import GenerationSpec, generate
 from lightning_modules.finetune import CausalLMFineTuner
@@ -50,6 +51,11 @@ def run_main(args: list[str]) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
+
+
+def error_lines(capsys) -> list[str]:
+    """The `error: ...` lines `cli.main` printed to stderr (beside the log lines)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
 
 def run_dir(save_dir: Path, version: int = 0) -> Path:
@@ -215,10 +221,65 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
     code = run_main(
         ["fit", *tiny_args(tiny_llama, tmp_path, "--trainer.max_epochs", "3", f"--trainer.callbacks+={poison}")]
     )
-    assert code == 2 and "non-finite training loss" in capsys.readouterr().err
-    checkpoint = torch.load(run_dir(tmp_path) / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert code == 2
+    (line,) = error_lines(capsys)
+    prefix = "error: non-finite training loss (nan) at step 6: training stopped; the last checkpoint before step 6"
+    assert line.startswith(f"{prefix}, with finite weights: ") and line.endswith(" (step 4)")
+    good = Path(line.removeprefix(f"{prefix}, with finite weights: ").removesuffix(" (step 4)"))
+    assert good.parent == run_dir(tmp_path) / "checkpoints"  # epoch0-step4.ckpt or best-epoch0-step4.ckpt
+    checkpoint = torch.load(good, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
+
+
+def test_last_finite_checkpoint_passes_over_bad_later_and_unreadable_files(tmp_path):
+    def save(name: str, step: int, value: float) -> Path:
+        torch.save({"global_step": step, "state_dict": {"w": torch.full((2,), value)}}, tmp_path / name)
+        return tmp_path / name
+
+    assert last_finite_checkpoint([tmp_path], 5) is None
+    good = save("a.ckpt", 2, 1.0)
+    for name, step, value in (("b.ckpt", 3, float("nan")), ("c.ckpt", 4, float("inf")), ("d.ckpt", 5, 1.0)):
+        save(name, step, value)  # non-finite, or not before step 5
+    (tmp_path / "e.ckpt").write_bytes(good.read_bytes()[:100])  # truncated
+    (tmp_path / "last.ckpt").symlink_to(good)
+    assert last_finite_checkpoint([tmp_path], 5) == (good.resolve(), 2)
+    assert last_finite_checkpoint([tmp_path], 2) is None
+
+
+@pytest.mark.slow
+def test_a_learning_rate_that_blows_up_the_weights_stops_before_they_are_saved(tiny_llama, tmp_path, capsys):
+    """lr 1e6 (0 at step 0, the warmup): the update of step 1 multiplies the weights' norm by ~1e7. Before the
+    check, training went on until the loss was NaN at step 3, after checkpoints of steps 2 and 3 holding
+    weights of ~1e6, and the message called the last of them good."""
+    every_step = json.dumps(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(tmp_path / "steps"),
+                "filename": "{step}",
+                "every_n_train_steps": 1,
+                "save_top_k": -1,
+            },
+        }
+    )
+    huge = ["--model.init_args.optimizer.init_args.lr", "1e6", "--trainer.max_epochs", "3"]
+    assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, *huge, f"--trainer.callbacks+={every_step}")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: the optimizer step from step 1 to 2 blew up the trainable weights (norm ")
+    assert line.endswith(
+        "training stopped before they were saved; the last checkpoint before step 2, with finite weights: "
+        f"{tmp_path / 'steps/step=1.ckpt'} (step 1)"
+    )
+    (saved,) = (tmp_path / "steps").iterdir()  # only step 1's: the blown-up weights never reach a checkpoint
+    weights = torch.load(saved, map_location="cpu", weights_only=True)["state_dict"].values()
+    assert max(value.abs().max().item() for value in weights) < 1
+
+    # With the experiment's own checkpoints (at validation, every epoch), nothing was saved before step 2.
+    assert run_main(["fit", *tiny_args(tiny_llama, tmp_path / "default", *huge)]) == 2
+    (line,) = error_lines(capsys)
+    assert line.endswith("training stopped before they were saved; no checkpoint was saved before step 2")
+    assert not list((tmp_path / "default").rglob("*.ckpt"))
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -137,3 +138,23 @@ def test_length_grouped_batches_cover_everything_once_with_less_padding():
 def test_pad_sequences_sides():
     assert pad_sequences([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert pad_sequences([[1, 2], [3]], 0, side="left").tolist() == [[1, 2], [0, 3]]
+
+
+def test_inspect_task_limit_takes_the_questions_test_limit_takes(tiny_tokenizer, tmp_path):
+    """`cli.py test --data.test_limit N` and the inspect-ai task's `limit: N` score the same questions."""
+    inspect_task = pytest.importorskip("integrations.inspect_task")
+    records = [json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) for i in range(20)]
+    data = write_lines(tmp_path / "test.jsonl", records)
+    expected = [f"test-{i}" for i in sorted(random.Random(3).sample(range(20), 5))]
+    assert expected != [f"test-{i}" for i in range(5)]  # a seeded subset, not the first five
+    datamodule = make_datamodule(tiny_tokenizer, test_path=str(data), test_limit=5, seed=3)
+    datamodule.setup("test")
+    task = inspect_task.reasoning(data_path=str(data), limit=5, seed=3)
+    assert [example.id for example in datamodule.test_examples] == expected
+    assert [sample.id for sample in task.dataset] == expected
+    assert [sample.target for sample in task.dataset] == [e.answer for e in datamodule.test_examples]
+    default = make_datamodule(tiny_tokenizer, test_path=str(data), test_limit=5)  # both default to seed 0
+    default.setup("test")
+    assert [s.id for s in inspect_task.reasoning(data_path=str(data), limit=5).dataset] == [
+        e.id for e in default.test_examples
+    ]

@@ -83,6 +83,72 @@ def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactl
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_sigusr1_during_validation_saves_at_a_validation_batch_and_the_restart_resumes_exactly(tiny_llama, tmp_path):
+    """Validation (here 4 one-question batches after step 4) can outlast SLURM's warning: the signal is honoured
+    at the next validation batch, the hpc save skips dynamics scoring, and the restart finishes the epoch."""
+    settings = ["--trainer.max_epochs", "2", "--data.eval_batch_size", "1"]
+    straight, slurm = tmp_path / "straight", tmp_path / "slurm"
+    assert run_main(["fit", *tiny_args(tiny_llama, straight, *settings)]) == 0
+
+    bin_dir = fake_commands(tmp_path / "bin", ("scontrol",))
+    progress = tmp_path / "validation.txt"
+    reporter = json.dumps({"class_path": "helpers.ReportEvaluation", "init_args": {"path": str(progress)}})
+    dynamics = json.dumps({"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"types": ["test"]}})
+    args = tiny_args(tiny_llama, slurm, *settings, "--trainer.default_root_dir", str(slurm),
+                     "--trainer.logger.init_args.version", "0", f"--trainer.callbacks+={dynamics}")  # fmt: skip
+    command = [sys.executable, str(REPO / "cli.py"), "fit", *args]
+    first = subprocess.Popen([*command, f"--trainer.callbacks+={reporter}"], env=slurm_environment(bin_dir),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (progress.is_file() and progress.read_text() == "4 0") and first.poll() is None:
+        assert time.monotonic() < deadline, "validation did not start"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGUSR1)  # while validation batch 0 of 4 ends
+    output = first.communicate(timeout=240)[0]
+    assert first.returncode == 124, output
+    assert progress.read_text() in {"4 0", "4 1", "4 2"}, output  # stopped during that validation...
+    assert [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()] == [
+        ["scontrol", "requeue", "4242"]
+    ]
+    (hpc,) = slurm.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] == 4  # ...not at step 5
+    scored = sorted(path.name for path in (run_dir(slurm) / "dynamics/checkpoints").glob("*.json"))
+    assert scored == ["base_model.json"]  # the hpc save scored nothing
+
+    restart = subprocess.run(command, env=slurm_environment(bin_dir), capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
+    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
+    actual = trainable_state(run_dir(slurm) / "checkpoints/last.ckpt")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sigusr1_during_test_requeues_at_a_test_batch_without_a_checkpoint(tiny_llama, tmp_path):
+    bin_dir = fake_commands(tmp_path / "bin", ("scontrol",))
+    progress = tmp_path / "test.txt"
+    reporter = json.dumps({"class_path": "helpers.ReportEvaluation", "init_args": {"path": str(progress)}})
+    args = tiny_args(tiny_llama, tmp_path, "--data.eval_batch_size", "1", "--data.test_limit", "4",
+                     "--trainer.default_root_dir", str(tmp_path), f"--trainer.callbacks+={reporter}")  # fmt: skip
+    job = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "test", *args], env=slurm_environment(bin_dir),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (progress.is_file() and progress.read_text() == "0 0") and job.poll() is None:
+        assert time.monotonic() < deadline, "the test loop did not start"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode == 124, output  # never "completed": the requeued job runs the test again
+    assert progress.read_text() in {"0 0", "0 1", "0 2"}, output  # stopped before its last batch
+    assert [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()] == [
+        ["scontrol", "requeue", "4242"]
+    ]
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("test_step*"))  # nothing half-written
+
+
 class Rank0:
     is_global_zero = True
     default_root_dir = "."

@@ -3,6 +3,10 @@ determinism, the annotation cache, and the fitted typer travelling in the datamo
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,6 +18,7 @@ from lightning_modules.finetune import CausalLMFineTuner
 from models.loading import ModelSpec, load_model
 from tasks.planning import PlanningSpec
 from tasks.step_types import StepTyper, StepVAE, embed_steps, vae_loss
+from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
 
 K = 3
 
@@ -107,3 +112,80 @@ def test_too_few_training_steps_is_one_clear_error(tiny_llama):
     data = ReasoningDataModule(val_size=1, train_limit=2, tokenizer=module.tokenizer, planning=module.planning)
     with pytest.raises(UserInputError, match="cannot form 50 step types"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("method", ["kmeans", "vae", "vae-contrastive"])
+def test_fitting_and_typing_steps_leave_the_global_rng_alone(method):
+    """Only a cold typer cache fits and types: either must leave the training's random stream as it was."""
+    x, successor = torch.randn(8, 16), torch.tensor([1, 2, 3, 3, 5, 6, 7, 7])
+    before = torch.get_rng_state()
+    typer = StepTyper.fit(PlanningSpec(method=method, n_special=1, num_types=K, vae_epochs=1), x, successor)
+    typer.predict(x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.slow
+def test_a_fit_ends_with_the_same_weights_whether_the_typer_cache_is_cold_or_warm(tiny_llama, tmp_path):
+    """Fitting the VAE typer (cold cache) must not reseed the training's global RNG (LoRA init, dropout)."""
+    vae = ["--model.init_args.planning.method", "vae", "--model.init_args.planning.num_types", str(K),
+           "--model.init_args.planning.vae_epochs", "2", "--data.train_limit", "8", "--data.val_size", "2",
+           "--trainer.limit_val_batches", "0"]  # fmt: skip
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    assert run_main(["fit", *tiny_args(tiny_llama, cold, *vae)]) == 0
+    assert list((tmp_path / "cache/planning").glob("*/typer.safetensors"))  # the warm run reads this
+    assert run_main(["fit", *tiny_args(tiny_llama, warm, *vae)]) == 0
+    expected, actual = (trainable_state(run_dir(r) / "checkpoints/last.ckpt") for r in (cold, warm))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_zero_alone_fits_the_typer_and_writes_the_cache(tiny_llama, tmp_path):
+    kmeans = ["--model.init_args.planning.method", "kmeans", "--model.init_args.planning.num_types", str(K),
+              "--data.val_size", "2", "--trainer.limit_val_batches", "0",
+              "--trainer.devices", "2", "--trainer.strategy", "ddp"]  # fmt: skip
+    command = [sys.executable, str(REPO / "cli.py"), "fit", *tiny_args(tiny_llama, tmp_path / "runs", *kmeans)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("Fitting kmeans step types") == 1  # one rank embedded the steps and fitted
+    cache = tmp_path / "cache/planning"
+    assert len(list(cache.glob("*/typer.safetensors"))) == 1 and not list(cache.rglob(".*"))  # no temporaries
+    state = torch.load(run_dir(tmp_path / "runs") / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2  # 16 examples / (2 ranks x 4): both ranks trained on typed targets
+
+
+class Rank:
+    """The part of a DDP trainer the datamodule uses: rank 0 records what it broadcasts, rank 1 receives it."""
+
+    def __init__(self, zero: bool, sent: list) -> None:
+        self.world_size, self.strategy, self.sent = 2, self, sent
+        self.is_global_zero = zero
+
+    def broadcast(self, obj, src: int = 0):
+        if self.is_global_zero:
+            self.sent.append(obj)
+            return obj
+        return self.sent[-1]
+
+
+def test_other_ranks_take_rank_zeros_typer_and_types_without_embedding(tiny_llama, monkeypatch):
+    """The rank logic of the DDP test above, in one process."""
+    sent = []
+    zero, one = datamodule(tiny_llama, "kmeans", cache=False), datamodule(tiny_llama, "kmeans", cache=False)
+    zero.trainer, one.trainer = Rank(True, sent), Rank(False, sent)
+    zero.setup("fit")
+    with monkeypatch.context() as patch:
+        patch.setattr(reasoning, "load_model", lambda *a, **k: pytest.fail("rank 1 loaded the embedding model"))
+        one.setup("fit")
+    assert one.step_types == zero.step_types and len(one.step_types) == 12
+    assert torch.equal(one.typer.tensors["centres"], zero.typer.tensors["centres"])
+    assert one.splits["train"]["labels"] == zero.splits["train"]["labels"]
+
+    few = replace(zero.planning, num_types=50)  # rank 0's error stops every rank
+    for zero_rank in (True, False):
+        data = ReasoningDataModule(val_size=1, train_limit=2, tokenizer=zero.tokenizer, planning=few)
+        data.trainer = Rank(zero_rank, sent)
+        with pytest.raises(UserInputError, match="cannot form 50 step types"):
+            data.setup("fit")
