@@ -370,6 +370,7 @@ def eval_script(
         "task_name": task_name,
         "prompt": prompt.template if prompt.style == "plain" else "{question}",
         "system_prompt": prompt.system_prompt or "",
+        "checkpoint": model_path,
     }
     chat = "" if prompt.style == "chat" else " -M use_chat_template=false"
     body = "\n".join(

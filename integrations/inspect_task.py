@@ -19,6 +19,7 @@ from inspect_ai.model import ChatMessageSystem, ChatMessageUser
 from inspect_ai.scorer import CORRECT, INCORRECT, Score, Target, accuracy, scorer, stderr
 from inspect_ai.solver import TaskState, generate
 
+from models.loader import read_planning
 from tasks.examples import get_task, load_examples, seeded_subset
 from tasks.scoring import score_completion
 
@@ -32,6 +33,7 @@ def reasoning(
     answer_format: str = "",
     limit: int = 0,
     seed: int = 0,
+    checkpoint: str = "",
 ) -> Task:
     """Answer accuracy on the questions of `data_path`.
 
@@ -43,6 +45,8 @@ def reasoning(
         answer_format: how answers are extracted and compared (default: the task's own).
         limit: only this many questions, the seeded subset `cli.py test --data.test_limit` takes (0 = all).
         seed: seed of that subset (the run's `data.seed`).
+        checkpoint: the evaluated model's folder (an `epoch_N/` export): its planning tokens, read by the project's
+            loader, are removed from completions before scoring, as `cli.py test` does ("" = none).
     """
     reader = get_task(task_name)
     examples = seeded_subset(load_examples(reader, str(Path(data_path)), "test"), limit, seed)
@@ -58,16 +62,18 @@ def reasoning(
     return Task(
         dataset=MemoryDataset(samples, name=Path(data_path).stem),
         solver=generate(),
-        scorer=answer_scorer(answer_format or reader.answer_format),
+        scorer=answer_scorer(answer_format or reader.answer_format, checkpoint),
     )
 
 
 @scorer(metrics=[accuracy(), stderr()])
-def answer_scorer(answer_format: str):
-    """Correct when the answer extracted from the completion matches the gold answer (tasks.scoring)."""
+def answer_scorer(answer_format: str, checkpoint: str = ""):
+    """Correct when the answer extracted from the completion, without the checkpoint's planning tokens, matches
+    the gold answer (tasks.scoring)."""
+    planning = read_planning(checkpoint or None)
 
     async def score(state: TaskState, target: Target) -> Score:
-        completion = state.output.completion
+        completion = planning.remove_tokens(state.output.completion)
         prediction, correct = score_completion(answer_format, completion, target.text)
         return Score(value=CORRECT if correct else INCORRECT, answer=prediction or "", explanation=completion)
 

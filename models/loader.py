@@ -67,6 +67,16 @@ def read_tokenizer(backbone: ModelSpec, checkpoint: str | Path | None = None) ->
     return load_tokenizer(backbone)
 
 
+def read_planning(checkpoint: str | Path | None) -> PlanningSpec:
+    """The planning tokens a checkpoint was trained with, without loading weights (inactive for none)."""
+    path = Path(checkpoint) if checkpoint else None
+    if path is None or not path.exists():
+        return PlanningSpec()
+    if path.is_dir():
+        return _planning_of(_training_info(path))
+    return _planning_of(read_checkpoint(path).get("hyper_parameters", {}))
+
+
 def from_lightning_checkpoint(backbone: ModelSpec, saved: dict, source: str) -> TrainedModel:
     """A model from the contents of a `cli.py fit` checkpoint (already read), adapters merged."""
     hparams = saved.get("hyper_parameters", {})

@@ -221,6 +221,7 @@ def test_generated_inspect_evaluation_runs_the_repo_task_file(tiny_llama, tmp_pa
     record = json.loads(dumped.stdout)
     assert record["status"] == "success" and len(record["samples"]) == 2
     assert record["eval"]["task_args"]["system_prompt"] == system_prompt  # exactly: braces, quotes, colon, comma
+    assert record["eval"]["task_args"]["checkpoint"].endswith("epoch_0")  # its planning tokens are removed
     first = record["samples"][0]
     assert first["messages"][0] == {**first["messages"][0], "role": "system", "content": system_prompt}
     assert set(first["scores"]["answer_scorer"]["value"]) <= {"C", "I"}
@@ -232,3 +233,22 @@ def test_every_scaffold_config_scaffolds(config, tmp_path, monkeypatch):
     assert run_main(["scaffold", "--config", str(config), "--experiment_dir", str(tmp_path / "exp")]) == 0
     scripts = list((tmp_path / "exp").rglob("*.slurm"))
     assert scripts and all(subprocess.run(["bash", "-n", str(s)]).returncode == 0 for s in scripts)
+
+
+def test_inspect_scorer_removes_the_checkpoints_planning_tokens(tmp_path):
+    """A planning-token export's completions reach the scorer without their planning tokens, as in `cli.py test`."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from integrations.inspect_task import answer_scorer
+
+    export = tmp_path / "epoch_0"
+    export.mkdir()
+    planning = {"method": "arithmetic", "n_prefix": 3, "n_special": 2, "tokens": {}}
+    (export / "training_info.json").write_text(json.dumps({"global_step": 4, "planning": planning}))
+    completion = "<prefix_0><prefix_1><prefix_2><answer_0><answer_1> The answer is: 1<prefix_0>8"
+    state, target = SimpleNamespace(output=SimpleNamespace(completion=completion)), SimpleNamespace(text="18")
+    with_planning = asyncio.run(answer_scorer("gsm8k", str(export))(state, target))
+    without = asyncio.run(answer_scorer("gsm8k")(state, target))
+    assert (with_planning.value, with_planning.answer) == ("C", "18")
+    assert without.answer != "18"  # read raw, the planning token splits the number
