@@ -17,11 +17,13 @@ SPLITS = {"val": "validation", "test": "test"}
 class PlanningReport(L.Callback):
     """After validation and test, for every planning key: mean count per question in the generations
     (the general prefix given in the prompt included) and in the planned gold solutions of the same
-    questions. Written to `planning/{val,test}_step{N}.json` and TensorBoard (`{stage}/planning/...`).
-    Does nothing when the model has no planning tokens."""
+    questions, and the share of generations that follow the trained layout (planning tokens, step text,
+    answer line). Written to `planning/{val,test}_step{N}.json` and TensorBoard (`{stage}/planning/...`);
+    the latest report stays in `latest` (with its "path"). Does nothing when the model has no planning tokens."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
+        self.latest: dict | None = None
 
     def on_validation_epoch_start(self, trainer, module) -> None:
         self.rows = []
@@ -33,8 +35,9 @@ class PlanningReport(L.Callback):
         if planning is None or not planning.active or not isinstance(outputs, dict):
             return
         for row in outputs.get("rows", []):
-            counts = planning.count_types(planning.eval_prefix() + row["completion"])
-            self.rows.append({"id": row["id"], "generated": dict(counts)})
+            text = planning.eval_prefix() + row["completion"]
+            counts, layout = dict(planning.count_types(text)), planning.follows_layout(text)
+            self.rows.append({"id": row["id"], "generated": counts, "layout": layout})
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(module, outputs)
@@ -69,6 +72,7 @@ class PlanningReport(L.Callback):
         keys = planning.key_tokens()
         report = {
             "questions": len(rows),
+            "layout_share": sum(row["layout"] for row in rows) / len(rows),
             "per_question": {
                 key: {"generated": generated[key] / len(rows), "gold": gold[key] / len(rows)} for key in keys
             },
@@ -80,4 +84,6 @@ class PlanningReport(L.Callback):
                 for key, values in report["per_question"].items():
                     for kind, value in values.items():
                         logger.experiment.add_scalar(f"{stage}/planning/{key}_{kind}", value, step)
+                logger.experiment.add_scalar(f"{stage}/planning/layout_share", report["layout_share"], step)
+        self.latest = {**report, "path": str(path)}
         rank_zero_info(f"Planning-token report: {path}")

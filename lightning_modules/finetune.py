@@ -106,6 +106,11 @@ class CausalLMFineTuner(LightningModule):
 
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
+        if self.planning.token_lr is not None and self.mode in TOKEN_MODES:  # the planning rows: their own rate
+            rows = [p for n, p in self.named_parameters() if p.requires_grad and "trainable_tokens_delta" in n]
+            rest = [p for p in parameters if all(p is not row for row in rows)]
+            groups = ({"params": rest}, {"params": rows, "lr": self.planning.token_lr})
+            parameters = [group for group in groups if group["params"]]
         optimizer = (
             self.optimizer_factory(parameters)
             if self.optimizer_factory
@@ -124,6 +129,20 @@ class CausalLMFineTuner(LightningModule):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
         return output.loss, (batch["labels"][:, 1:] != -100).sum()
+
+    @torch.no_grad()
+    def mean_loss(self, batches) -> float:
+        """Token-weighted mean response loss over `batches` (on this module's device), in eval mode: the
+        quantity `val/loss` reports, without generating."""
+        was_training, total, count = self.model.training, 0.0, 0
+        self.model.eval()
+        try:
+            for batch in batches:
+                loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
+                total, count = total + loss.item() * tokens.item(), count + tokens.item()
+        finally:
+            self.model.train(was_training)
+        return total / max(count, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)
