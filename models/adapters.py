@@ -10,13 +10,7 @@ from transformers import PreTrainedModel
 
 from core.errors import UserInputError
 from models.loading import ModelSpec, load_model, load_tokenizer
-from models.vocabulary import (
-    add_tokens,
-    prompt_tuning_config,
-    resize_and_initialise,
-    trainable_token_targets,
-    untie_output_embeddings,
-)
+from models.vocabulary import add_tokens, prompt_tuning_config, resize_and_initialise, trainable_token_targets
 from tasks.planning import PlanningSpec
 
 
@@ -50,8 +44,6 @@ def build_trainable_model(
     """`model` with room for the planning tokens (rows of `new_tokens` initialised from their key words) and
     wrapped for `mode`: LoRA adapters and/or PEFT trainable tokens (only the planning rows train)."""
     key_tokens, words = planning.key_tokens(), {key: planning.init_word(key) for key in planning.key_tokens()}
-    if planning.untie_output and planning.active:
-        untie_output_embeddings(model)
     ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens, planning.init_spread)
     if mode in ("lora", "qlora"):
         return get_peft_model(model, lora.to_config())

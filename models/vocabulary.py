@@ -69,16 +69,6 @@ def resize_and_initialise(
     return ids
 
 
-def untie_output_embeddings(model: PreTrainedModel) -> None:
-    """Give a model whose lm_head shares the input embedding's matrix its own copy of it (a no-op when untied)."""
-    output = model.get_output_embeddings()
-    if output is None or output.weight is not model.get_input_embeddings().weight:
-        return
-    output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.tie_word_embeddings = False
-
-
 def trainable_token_targets(model: PreTrainedModel, ids: list[int]) -> dict[str, list[int]]:
     """PEFT trainable-token targets for `ids`: the input embedding (its tied lm_head follows it), plus the
     lm_head rows when the output embedding is a separate matrix."""

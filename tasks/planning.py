@@ -57,9 +57,6 @@ class PlanningSpec:
     add a seeded perturbation of init_spread x the embedding's entry std per coordinate, so they start
     distinct (0 = identical copies of the word's row, the paper's: on a tied model such as SmolLM2 a short
     run then repeats one planning token)."""
-    untie_output: bool = False
-    """On a model whose lm_head is tied to its input embedding: train separate lm_head rows for the new tokens
-    (the lm_head becomes its own matrix, in memory and in exports). False = the rows stay tied."""
     token_lr: float | None = None
     """Learning rate of the new token rows in the prompt-tuning modes (None = the optimizer's)."""
 
