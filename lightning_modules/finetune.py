@@ -133,13 +133,15 @@ class CausalLMFineTuner(LightningModule):
     @torch.no_grad()
     def mean_loss(self, batches) -> float:
         """Token-weighted mean response loss over `batches` (on this module's device), in eval mode: the
-        quantity `val/loss` reports, without generating."""
+        quantity `val/loss` reports, without generating. The global RNG is left as it was (a DataLoader draws
+        its base seed from it), so a resumed run stays bit-exact."""
         was_training, total, count = self.model.training, 0.0, 0
         self.model.eval()
         try:
-            for batch in batches:
-                loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
-                total, count = total + loss.item() * tokens.item(), count + tokens.item()
+            with torch.random.fork_rng(devices=[]):
+                for batch in batches:
+                    loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
+                    total, count = total + loss.item() * tokens.item(), count + tokens.item()
         finally:
             self.model.train(was_training)
         return total / max(count, 1)
