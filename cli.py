@@ -8,10 +8,15 @@ the resolved configuration; `--help` documents every argument.
 from __future__ import annotations
 
 import importlib
+import inspect
+import itertools
+import json
 import logging
 import re
 import sys
+import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from jsonargparse import Namespace, auto_cli
@@ -41,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("commands.analyze:analyze", "rank logs merged with evaluation samples: accuracy vs rank"),
     "dynamics": ("commands.dynamics:dynamics", "likelihood dynamics of a sample pool over every checkpoint of a run"),
     "select": ("commands.select:select", "keep the highest / lowest / a random-likelihood answer per question"),
+    "compare": ("commands.compare:compare", "one table across runs or arms: 95 % intervals, paired tests"),
 }
 
 
@@ -127,7 +133,17 @@ def run_command(name: str, args: list[str]) -> None:
     """Run companion command `name` with its own arguments."""
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    auto_cli(function, args=args, as_positional=False)
+    auto_cli(function, args=positional_words(function, args), as_positional=False)
+
+
+def positional_words(function: Callable, args: list[str]) -> list[str]:
+    """Words before the first option fill the command's first parameter when it is a list:
+    `compare A B --output_dir x` is `compare --inputs '["A", "B"]' --output_dir x`."""
+    words = list(itertools.takewhile(lambda arg: not arg.startswith("-"), args))
+    first = next(iter(inspect.signature(function).parameters), None)
+    if not words or first is None or typing.get_origin(typing.get_type_hints(function).get(first)) is not list:
+        return args
+    return [f"--{first}", json.dumps(words), *args[len(words) :]]
 
 
 def print_commands() -> None:

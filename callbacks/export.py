@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from core.io import atomic_directory, run_directory, write_json_atomic
 from models.adapters import rebuild_with_adapter
+from models.loader import model_from_training_state
 
 
 class EpochExport(L.Callback):
@@ -54,13 +55,16 @@ def export_model(module: L.LightningModule, state: dict, path: Path, adapter_onl
     weights = {key.removeprefix("model."): value.detach().cpu() for key, value in state.items()}
     if module.mode == "full":
         module.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
-    else:
-        trainable = {name.removeprefix("model.") for name in module.trainable_parameter_names()}
-        adapter = {key: value for key, value in weights.items() if key in trainable}
+        module.tokenizer.save_pretrained(path)
+        return
+    trainable = {name.removeprefix("model.") for name in module.trainable_parameter_names()}
+    adapter = {key: value for key, value in weights.items() if key in trainable}
+    if adapter_only:
         peft_model = rebuild_with_adapter(module.backbone, module.lora, adapter, "export", module.mode, module.planning)
-        if adapter_only:
-            peft_model.save_pretrained(path, safe_serialization=True)
-        else:
-            merged = peft_model.merge_and_unload()
-            merged.save_pretrained(path, safe_serialization=True)
+        peft_model.save_pretrained(path, safe_serialization=True)
+    else:
+        merged = model_from_training_state(
+            module.backbone, module.mode, module.lora, module.planning, adapter, "export"
+        )
+        merged.save_pretrained(path, safe_serialization=True)
     module.tokenizer.save_pretrained(path)

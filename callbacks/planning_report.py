@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import lightning as L
-import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -22,57 +21,36 @@ class PlanningReport(L.Callback):
     the latest report stays in `latest` (with its "path"). Does nothing when the model has no planning tokens."""
 
     def __init__(self) -> None:
-        self.rows: list[dict] = []
         self.latest: dict | None = None
 
-    def on_validation_epoch_start(self, trainer, module) -> None:
-        self.rows = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def _collect(self, module, outputs) -> None:
-        planning = getattr(module, "planning", None)
-        if planning is None or not planning.active or not isinstance(outputs, dict):
-            return
-        for row in outputs.get("rows", []):
-            text = planning.eval_prefix() + row["completion"]
-            counts, layout = dict(planning.count_types(text)), planning.follows_layout(text)
-            self.rows.append({"id": row["id"], "generated": counts, "layout": layout})
-
-    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(module, outputs)
-
-    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(module, outputs)
-
-    def on_validation_epoch_end(self, trainer, module) -> None:
+    def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
             self._report(trainer, module, "val", trainer.global_step)
 
-    def on_test_epoch_end(self, trainer, module) -> None:
+    def on_test_end(self, trainer, module) -> None:
         self._report(trainer, module, "test", max(trainer.global_step, getattr(module, "checkpoint_global_step", 0)))
 
     def _report(self, trainer, module, stage: str, step: int) -> None:
         planning = getattr(module, "planning", None)
         if planning is None or not planning.active:  # the same on every rank: no collective skipped
             return
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized():
-            every_rank: list = [None] * dist.get_world_size()
-            dist.all_gather_object(every_rank, rows)
-            rows = list({row["id"]: row for rank_rows in every_rank for row in rank_rows}.values())
+        rows = getattr(module, "evaluation_rows", [])
+        rows = [row for row in rows if row.arm == rows[0].arm] if rows else []  # SLOT: the baseline arm
         gold_by_id = getattr(trainer.datamodule, "gold_types", {}).get(SPLITS[stage], {})
         run_dir = run_directory(trainer)  # a collective under DDP: every rank calls it
         if not trainer.is_global_zero or not rows:
             return
-        generated, gold = Counter(), Counter()
-        for row in rows:
-            generated.update(row["generated"])
-            gold.update(gold_by_id.get(row["id"], {}))
+        generated, gold, layout = Counter(), Counter(), 0.0
+        for row in rows:  # per question: the mean over its samples
+            for completion in row.completions:
+                counts = planning.count_types(planning.eval_prefix() + completion)
+                generated.update({key: count / len(row.completions) for key, count in counts.items()})
+                layout += planning.follows_layout(planning.eval_prefix() + completion) / len(row.completions)
+            gold.update(gold_by_id.get(row.id, {}))
         keys = planning.key_tokens()
         report = {
             "questions": len(rows),
-            "layout_share": sum(row["layout"] for row in rows) / len(rows),
+            "layout_share": layout / len(rows),
             "per_question": {
                 key: {"generated": generated[key] / len(rows), "gold": gold[key] / len(rows)} for key in keys
             },

@@ -52,7 +52,12 @@ RESOURCES_BY_SIZE = {
 
 
 def model_size(name: str) -> float | None:
-    """Billions of parameters named in a model id ("Llama-3.2-3B-Instruct" -> 3, "Qwen2.5-0.5B" -> 0.5)."""
+    """Billions of parameters named in a model id ("Llama-3.2-3B-Instruct" -> 3, "Qwen2.5-0.5B" -> 0.5). A mixture
+    of experts "NxMB" counts every expert (Mixtral-8x7B -> 56: memory holds all of them; an upper bound, as the
+    experts share their attention layers)."""
+    experts = re.search(r"(?<![\d.])(\d+)x(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", Path(name).name)
+    if experts:
+        return int(experts.group(1)) * float(experts.group(2))
     match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", Path(name).name)
     return float(match.group(1)) if match else None
 

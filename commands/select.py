@@ -19,8 +19,8 @@ from core.errors import UserInputError
 from core.io import write_json_atomic, write_jsonl_atomic
 from core.records import read_json_records
 from evaluation.likelihood import ScoringSpec, score_texts
-from models.loader import load_finetuned_model
-from models.loading import ModelSpec, load_tokenizer
+from models.loader import load_trained
+from models.loading import ModelSpec
 from tasks.examples import TASKS
 
 SEED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -104,8 +104,9 @@ def select(
         raise UserInputError(f"{candidates}: no non-empty candidate answer to score")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = load_finetuned_model(model, checkpoint).requires_grad_(False).to(device).eval()
-    metrics = score_texts(scorer, load_tokenizer(model), pairs, scoring, progress="scoring candidates")
+    trained = load_trained(model, checkpoint)
+    scorer = trained.model.requires_grad_(False).to(device)
+    metrics = score_texts(scorer, trained.tokenizer, pairs, scoring, progress="scoring candidates")
 
     scored: list[list[tuple[float, str]]] = [[] for _ in groups]
     score_rows = []

@@ -21,8 +21,8 @@ from core.errors import UserInputError
 from core.io import atomic_path
 from datamodules.batching import collate
 from evaluation.teacher_forcing import teacher_forced_chunks
-from models.loader import load_finetuned_model
-from models.loading import ModelSpec, load_tokenizer
+from models.loader import load_trained
+from models.loading import ModelSpec
 from tasks.examples import get_task, load_examples
 from tasks.prompts import PromptFormatter, PromptSpec
 
@@ -110,9 +110,9 @@ def traces(
     examples = load_examples(get_task(task), data_path, split)
     if limit is not None and limit < len(examples):
         examples = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
-    tokenizer = load_tokenizer(model_spec)
+    trained = load_trained(model_spec, checkpoint)
+    tokenizer, network = trained.tokenizer, trained.model.requires_grad_(False)
     formatter = PromptFormatter(tokenizer, prompt or PromptSpec())
-    network = load_finetuned_model(model_spec, checkpoint).requires_grad_(False).eval()
     if torch.cuda.is_available():
         network = network.cuda()
     if k > network.config.vocab_size:

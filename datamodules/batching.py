@@ -83,8 +83,8 @@ class ResumingDataLoader(DataLoader):
 
 def collate(features: list[dict], pad_id: int, answer_format: str | None = None) -> dict:
     """Right-padded `input_ids/attention_mask/labels` for the loss. Evaluation batches (`answer_format`
-    given) also carry left-padded `prompt_ids/prompt_mask` to generate from, the examples' ids,
-    questions and gold answers, and the name of the answer format that scores them."""
+    given) also carry left-padded `prompt_ids/prompt_mask` to generate from, the examples' ids, questions,
+    gold answers and positions in the evaluation set, and the name of the answer format that scores them."""
     batch = {
         "input_ids": pad_sequences([f["input_ids"] for f in features], pad_id),
         "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in features], 0),
@@ -96,4 +96,6 @@ def collate(features: list[dict], pad_id: int, answer_format: str | None = None)
         batch["prompt_mask"] = pad_sequences([[1] * len(f["prompt_ids"]) for f in features], 0, side="left")
         for key in ("id", "question", "answer"):
             batch[key] = [f[key] for f in features]
+        if "position" in features[0]:
+            batch["position"] = [f["position"] for f in features]
     return batch

@@ -274,8 +274,9 @@ class ReasoningDataModule(LightningDataModule):
         dataset = self.splits[split]
         prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
         by_prompt_length = sorted(range(len(dataset)), key=lambda i: -prompt_lengths[i])
+        ordered = dataset.select(by_prompt_length)  # similar prompt lengths share a batch: little left padding
         return DataLoader(
-            dataset.select(by_prompt_length),  # similar prompt lengths share a batch: little left padding
+            ordered.add_column("position", list(range(len(ordered)))),  # the rows' order across processes
             batch_size=self.hparams.eval_batch_size,
             collate_fn=self._collate(with_prompts=True),
             num_workers=self.hparams.num_workers,

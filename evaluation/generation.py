@@ -41,6 +41,10 @@ class GenerationSpec:
     """Samples per question (> 1 needs sampling, temperature > 0); evaluation then reports maj@k and pass@k."""
     at_k: list[int] = field(default_factory=lambda: [1, 8, 16, 32])
     """The k of maj@k (majority vote over the first k samples) and pass@k (unbiased estimator), k <= repeats."""
+    seed: int = 0
+    """Seed of sampling: each evaluation batch samples from this seed and its question ids (the training random
+    stream is left untouched), so with batch size 1 a question's samples do not depend on the process or order
+    it is evaluated in."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

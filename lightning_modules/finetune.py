@@ -12,20 +12,15 @@ from typing import Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
-from torchmetrics import MeanMetric
 
 from core.errors import TrainingStopped, UserInputError
-from evaluation.generation import GenerationSpec, generate
-from evaluation.rank_log import RankLogSpec, RankRecorder
-from evaluation.sampling_metrics import majority_vote, question_metrics
-from models.adapters import LoraSpec, build_trainable_model
-from models.loading import ModelSpec, load_model, load_tokenizer
-from models.vocabulary import (
-    add_tokens,
-)
+from evaluation.generation import GenerationSpec
+from evaluation.pipeline import evaluate_batch, response_losses
+from evaluation.rank_log import RankLogSpec
+from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
+from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
+from models.loading import ModelSpec, load_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
-from tasks.scoring import score_completion
 
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
 TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
@@ -82,18 +77,13 @@ class CausalLMFineTuner(LightningModule):
             raise UserInputError(f"model.mode={mode} trains planning tokens: set model.planning.method")
         if mode in ("lora", "qlora") and self.planning.active:
             raise UserInputError(f"model.mode={mode} leaves the planning tokens untrained: use {mode}+prompt-tuning")
-        self.tokenizer = load_tokenizer(self.backbone)
-        self.new_tokens = set(add_tokens(self.tokenizer, self.planning.tokens()))  # rows initialised in configure_model
+        self.tokenizer, new_tokens = planning_tokenizer(self.backbone, self.planning)
+        self.new_tokens = set(new_tokens)  # rows initialised in configure_model
         self.model = None
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
-        self.test_loss, self.test_accuracy = MeanMetric(), MeanMetric()
-        ks = [k for k in sorted(set(self.generation.at_k)) if k <= self.generation.repeats]
-        self.at_k_metrics = (
-            nn.ModuleDict({f"{s}_{m}_{k}": MeanMetric() for s in ("val", "test") for m in ("maj", "pass") for k in ks})
-            if self.generation.repeats > 1
-            else None
-        )
+        self.stage_rows: list[EvaluationRow] = []
+        self.evaluation_rows: list[EvaluationRow] = []
+        """The gathered rows of the last validation / test / predict epoch (what the sample files hold)."""
         self.checkpoint_global_step = 0
 
     def configure_model(self) -> None:
@@ -158,67 +148,46 @@ class CausalLMFineTuner(LightningModule):
         self.log("train/tokens", tokens.float(), reduce_fx="sum")
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._evaluate(batch, self.val_loss, self.val_accuracy, "val")
+    def on_validation_epoch_start(self) -> None:
+        self.stage_rows = []
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._evaluate(batch, self.test_loss, self.test_accuracy, "test")
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
 
-    def _evaluate(self, batch: dict, loss_metric: MeanMetric, accuracy: MeanMetric, stage: str) -> dict:
-        loss, tokens = self._loss(batch)
-        loss_metric.update(loss, weight=tokens)
-        rows = self.predict_step(batch, 0)["rows"]
-        accuracy.update(torch.tensor([float(row["correct"]) for row in rows], device=self.device))
-        size = len(rows)
-        self.log(f"{stage}/loss", loss_metric, batch_size=size, prog_bar=True)
-        self.log(f"{stage}/accuracy", accuracy, batch_size=size, prog_bar=True)
-        for name in rows[0].get("metrics", {}) if self.at_k_metrics is not None else ():
-            metric = self.at_k_metrics[f"{stage}_{name.replace('@', '_')}"]
-            metric.update(torch.tensor([row["metrics"][name] for row in rows], device=self.device))
-            self.log(f"{stage}/{name}", metric, batch_size=size)
-        return {"rows": rows}
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """One row per question. repeats = 1: its completion, prediction and correctness. repeats = n > 1: the n
-        completions, predictions and correctness flags, the majority answer as prediction / correct, and its
-        maj@k / pass@k. With `rank_log`, each row's "ranks" hold one entry per sample (the SampleWriter moves
-        them to their own file)."""
-        recorder = RankRecorder(self.rank_log) if self.rank_log is not None else None
-        completions = generate(
-            self.model,
-            self.tokenizer,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.generation,
-            rank_recorder=recorder,
-        )
-        n, rows = self.generation.repeats, []
-        for index in range(len(batch["id"])):
-            samples = completions[index * n : (index + 1) * n]
-            scored = [
-                score_completion(batch["answer_format"], self.planning.remove_tokens(text), batch["answer"][index])
-                for text in samples
-            ]
-            predictions, correct = [p for p, _ in scored], [c for _, c in scored]
-            row = {"id": batch["id"][index], "question": batch["question"][index]}
-            if n == 1:
-                row.update(completion=samples[0], prediction=predictions[0])
-            else:
-                row.update(completions=samples, predictions=predictions, samples_correct=correct)
-                row["prediction"], majority_correct = majority_vote(predictions, correct)
-            row.update(answer=batch["answer"][index], correct=correct[0] if n == 1 else majority_correct)
-            if n > 1:
-                row["metrics"] = question_metrics(predictions, correct, self.generation.at_k)
-            if recorder is not None:
-                row["ranks"] = [
-                    {
-                        "low_confidence_ranks": recorder.low_confidence[i],
-                        "low_probability_ranks": recorder.low_probability[i],
-                    }
-                    for i in range(index * n, (index + 1) * n)
-                ]
-            rows.append(row)
-        return {"rows": rows}
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        self.stage_rows.extend(self._generate(batch))
+
+    def _evaluate(self, batch: dict) -> None:
+        """Rows of the batch's questions, each with the teacher-forced loss of its gold response."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sums, tokens = response_losses(logits, batch["labels"])
+        rows = self._generate(batch)
+        for row, loss_sum, count in zip(rows, loss_sums.tolist(), tokens.tolist(), strict=True):
+            row.loss_sum, row.loss_tokens = loss_sum, count
+        self.stage_rows.extend(rows)
+
+    def _generate(self, batch: dict) -> list[EvaluationRow]:
+        return evaluate_batch(self.model, self.tokenizer, batch, self.generation, self.planning, self.rank_log)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rows("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rows("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self.evaluation_rows = gather_rows(self.stage_rows)
+
+    def _log_rows(self, stage: str) -> None:
+        """Gather every process's rows (padding repeats dropped) and log the metrics computed from them."""
+        self.evaluation_rows = gather_rows(self.stage_rows)
+        for name, value in logged_metrics(self.evaluation_rows).items() if self.evaluation_rows else ():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "accuracy"))
 
     def trainable_parameter_names(self) -> set[str]:
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import asdict
 
-import torch
 from lightning import LightningModule
-from torch import nn
-from torchmetrics import MeanMetric
 
 from core.errors import UserInputError
-from evaluation.generation import GenerationSpec, generate
+from evaluation.generation import GenerationSpec
+from evaluation.pipeline import evaluate_batch
+from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
 from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
 from models.head import OutputHead
-from models.loader import load_finetuned_model
-from models.loading import ModelSpec, load_tokenizer
-from tasks.scoring import score_completion
+from models.loader import load_trained
+from models.loading import ModelSpec
+
+log = logging.getLogger(__name__)
 
 R1_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
@@ -53,78 +53,52 @@ class SLOTEvaluator(LightningModule):
         if self.generation.repeats != 1:
             raise UserInputError("model.generation.repeats: SLOT arms generate one completion per question (use 1)")
         self.format_pattern = re.compile(format_pattern, re.DOTALL)
-        exported = (
-            checkpoint is not None and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").exists()
-        )
-        self.tokenizer = load_tokenizer(replace(self.backbone, name=checkpoint) if exported else self.backbone)
-        self.model, self.head = None, None
-        self.metrics = nn.ModuleDict(
-            {
-                f"arm{index}": nn.ModuleDict(
-                    {key: MeanMetric() for key in ("accuracy", "format_accuracy", "final_loss")}
-                )
-                for index in range(len(self.arms))
-            }
-        )
-
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        model = load_finetuned_model(self.backbone, self.checkpoint)
-        self.model = model.requires_grad_(False).eval()  # frozen: SLOT computes no weight gradient
+        trained = load_trained(self.backbone, checkpoint)  # here, not in configure_model: the datamodule needs
+        self.model = trained.model.requires_grad_(False)  # the tokenizer and planning prefix it was trained with
+        self.tokenizer, self.planning, self.trained_prompt = trained.tokenizer, trained.planning, trained.prompt
+        self.checkpoint_global_step = trained.step
         self.head = OutputHead(self.model)
+        self.stage_rows: list[EvaluationRow] = []
+        self.evaluation_rows: list[EvaluationRow] = []
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
+    def on_test_start(self) -> None:
+        prompt = getattr(self.trainer.datamodule, "prompt", None)
+        if self.trained_prompt and prompt is not None and asdict(prompt) != self.trained_prompt:
+            log.warning("the checkpoint was trained with prompt %s; evaluating with data.prompt %s",
+                        self.trained_prompt, asdict(prompt))  # fmt: skip
+
+    def on_test_epoch_start(self) -> None:
+        self.stage_rows = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
         state = prefill(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"])
         by_lr = defaultdict(list)
-        for index, arm in enumerate(self.arms):
-            by_lr[arm.lr].append((index, arm))
-        rows = []
+        for arm in self.arms:
+            by_lr[arm.lr].append(arm)
         for lr, arms in by_lr.items():
-            deltas, trace = optimise_deltas(self.head, state, sorted({arm.iters for _, arm in arms}), lr)
-            for index, arm in arms:
+            deltas, trace = optimise_deltas(self.head, state, sorted({arm.iters for arm in arms}), lr)
+            for arm in arms:
                 with head_input_hook(self.head, deltas[arm.iters]):
-                    completions = generate(
+                    rows = evaluate_batch(
                         self.model,
                         self.tokenizer,
-                        batch["prompt_ids"],
-                        batch["prompt_mask"],
+                        batch,
                         self.generation,
+                        self.planning,
+                        arm=arm.name,
                         past_key_values=cache_copy(state.cache),
                     )
-                arm_rows = self._rows(batch, arm, completions, trace[:, : arm.iters + 1])
-                self._log_arm(index, arm, arm_rows)
-                rows.extend(arm_rows)
-        return {"rows": rows}
+                for i, row in enumerate(rows):
+                    prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
+                    row.extra = {
+                        "prompt": self.tokenizer.decode(prompt),
+                        "format_ok": bool(self.format_pattern.fullmatch(row.completions[0].strip())),
+                        "slot_loss": [round(value, 6) for value in trace[i, : arm.iters + 1].tolist()],
+                    }
+                self.stage_rows.extend(rows)
 
-    def _rows(self, batch: dict, arm: SlotArm, completions: list[str], losses: torch.Tensor) -> list[dict]:
-        rows = []
-        for i, completion in enumerate(completions):
-            prediction, correct = score_completion(batch["answer_format"], completion, batch["answer"][i])
-            prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
-            rows.append(
-                {
-                    "arm": arm.name,
-                    "id": batch["id"][i],
-                    "question": batch["question"][i],
-                    "prompt": self.tokenizer.decode(prompt),
-                    "completion": completion,
-                    "prediction": prediction,
-                    "answer": batch["answer"][i],
-                    "correct": correct,
-                    "format_ok": bool(self.format_pattern.fullmatch(completion.strip())),
-                    "slot_loss": [round(value, 6) for value in losses[i].tolist()],
-                }
-            )
-        return rows
-
-    def _log_arm(self, index: int, arm: SlotArm, rows: list[dict]) -> None:
-        metrics = self.metrics[f"arm{index}"]
-        values = {
-            "accuracy": [float(row["correct"]) for row in rows],
-            "format_accuracy": [float(row["format_ok"]) for row in rows],
-            "final_loss": [row["slot_loss"][-1] for row in rows],
-        }
-        for key, value in values.items():
-            metrics[key].update(torch.tensor(value, device=self.device))
-            self.log(f"test/{arm.name}/{key}", metrics[key], batch_size=len(rows))
+    def on_test_epoch_end(self) -> None:
+        """Gather every process's rows and log each arm's metrics computed from them."""
+        self.evaluation_rows = gather_rows(self.stage_rows, [arm.name for arm in self.arms])
+        for name, value in logged_metrics(self.evaluation_rows).items():
+            self.log(f"test/{name}", value)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
 from models.loading import ModelSpec, load_model, load_tokenizer
@@ -36,6 +36,13 @@ class LoraSpec:
             target_modules=list(self.target_modules),
             trainable_token_indices=trainable_token_indices,
         )
+
+
+def planning_tokenizer(backbone: ModelSpec, planning: PlanningSpec) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """The tokenizer a run trains with: the backbone's, plus the planning tokens (those it did not have yet
+    are returned: their embedding rows are new)."""
+    tokenizer = load_tokenizer(backbone)
+    return tokenizer, add_tokens(tokenizer, planning.tokens())
 
 
 def build_trainable_model(
@@ -68,10 +75,9 @@ def rebuild_with_adapter(
     named in one line."""
     planning = planning or PlanningSpec()
     mode = mode.replace("qlora", "lora")
-    tokenizer = load_tokenizer(backbone)
-    new_tokens = set(add_tokens(tokenizer, planning.tokens()))
+    tokenizer, new_tokens = planning_tokenizer(backbone, planning)
     base = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
-    peft_model = build_trainable_model(base, tokenizer, mode, lora, planning, new_tokens)
+    peft_model = build_trainable_model(base, tokenizer, mode, lora, planning, set(new_tokens))
     try:
         result = peft_model.load_state_dict(adapter, strict=False)
     except RuntimeError as error:  # shapes differ

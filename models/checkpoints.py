@@ -7,7 +7,8 @@ or its `checkpoints/`), sorted by step as an integer; the base model is step 0. 
 a checkpoint but cannot be read is reported by name (`Discovery.problems`) instead of being used.
 
 Loaded by `CheckpointModels`: adapter checkpoints (LoRA/QLoRA) are swapped into ONE loaded base model;
-full-weight checkpoints are loaded with `finetune.load_finetuned_model`.
+anything else (full weights, planning-token rows) is loaded by `models/loader.py`. A Lightning checkpoint is
+read once for its step here and once when it is scored (memory-mapped, weights only).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
+from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
 from models.adapters import LoraSpec
-from models.loader import load_finetuned_model
+from models.loader import from_lightning_checkpoint, load_trained
 from models.loading import ModelSpec, load_model
 
 BASE_NAME = "base_model"
@@ -101,14 +103,16 @@ def _export_step(path: Path) -> int:
 
 def _lightning_step(path: Path) -> int:
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception as error:  # noqa: BLE001 - a truncated file fails in many ways; report one line
-        raise UserInputError(f"{path.name}: unreadable Lightning checkpoint ({type(error).__name__})") from None
+        return int(read_checkpoint(path)["global_step"])
+    except UserInputError as error:
+        raise UserInputError(f"{path.name}: unreadable Lightning checkpoint ({error})") from None
+    except (KeyError, TypeError, ValueError):
+        raise UserInputError(f"{path.name}: a Lightning checkpoint without its global_step") from None
 
 
 def lightning_backbone(path: Path) -> ModelSpec | None:
     """The backbone a Lightning checkpoint of CausalLMFineTuner was trained on (from its hyper-parameters)."""
-    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    hparams = read_checkpoint(path).get("hyper_parameters", {})
     backbone = hparams.get("backbone")
     return ModelSpec(**backbone) if isinstance(backbone, dict) else backbone
 
@@ -139,28 +143,33 @@ class CheckpointModels:
                 with self._peft.disable_adapter():
                     yield self._peft
             return
-        adapter = self._adapter_of(checkpoint)
+        saved = read_checkpoint(checkpoint.path) if checkpoint.kind == "lightning" else None
+        adapter = self._adapter_of(checkpoint, saved)
         if adapter is not None:
             yield self._swap_in(checkpoint.name, *adapter)
             return
-        model = load_finetuned_model(self.backbone, str(checkpoint.path)).requires_grad_(False).to(self.device)
+        if saved is not None:
+            model = from_lightning_checkpoint(self.backbone, saved, checkpoint.name).model
+        else:
+            model = load_trained(self.backbone, checkpoint.path).model
+        model = model.requires_grad_(False).to(self.device)
         try:
             yield model.eval()
         finally:
             del model
 
-    def _adapter_of(self, checkpoint: Checkpoint) -> tuple[LoraConfig, dict, bool] | None:
-        """(config, weights, weights in PEFT's saved format) of an adapter checkpoint; None for full weights."""
+    def _adapter_of(self, checkpoint: Checkpoint, saved: dict | None) -> tuple[LoraConfig, dict, bool] | None:
+        """(config, weights, weights in PEFT's saved format) of an adapter checkpoint; None for full weights.
+        `saved`: the contents of a Lightning checkpoint."""
         path = checkpoint.path
-        if checkpoint.kind == "lightning":
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved is not None:
             hparams = saved.get("hyper_parameters", {})
             if hparams.get("mode") not in ("lora", "qlora"):  # full weights, or planning-token rows to merge
                 return None
             weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
             return LoraSpec(**hparams.get("lora", {})).to_config(), weights, False
-        if not (path / "adapter_config.json").is_file():
-            return None
+        if not (path / "adapter_config.json").is_file() or _has_planning_tokens(path):
+            return None  # planning-token rows: the loader resizes the base and merges them
         config = PeftConfig.from_pretrained(str(path))
         if not isinstance(config, LoraConfig):
             raise UserInputError(f"{checkpoint.name}: a {type(config).__name__} adapter; only LoRA is supported")
@@ -185,3 +194,14 @@ class CheckpointModels:
                 f"{len(missing)} missing adapter weights, e.g. '{example}'"
             )
         return self._peft.eval()
+
+
+def _has_planning_tokens(path: Path) -> bool:
+    """Whether an export's training_info.json records planning tokens (their rows are part of the adapter)."""
+    info = path / "training_info.json"
+    if not info.is_file():
+        return False
+    try:
+        return bool(json.loads(info.read_text(encoding="utf-8")).get("planning", {}).get("tokens"))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False

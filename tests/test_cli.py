@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from scipy.stats import binomtest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli, main
@@ -17,7 +19,7 @@ from core.errors import UserInputError
 from evaluation.generation import GenerationSpec, generate
 from lightning_modules.finetune import CausalLMFineTuner
 from models.adapters import LoraSpec
-from models.loader import load_finetuned_model
+from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.planning import PlanningSpec
 
@@ -101,6 +103,7 @@ def test_unknown_model_is_one_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2")]) == 0
@@ -141,6 +144,12 @@ def test_fit_checkpoint_resume_test_and_export(tiny_llama, tmp_path):
     assert run_main(["test", *tiny_args(tiny_llama, resumed, "--ckpt_path", "last", "--data.test_limit", "4")]) == 0
     samples = list((run / "samples").glob("test_step8.jsonl"))
     assert samples and len(samples[0].read_text().splitlines()) == 4
+    correct = sum(json.loads(line)["correct"] for line in samples[0].read_text().splitlines())
+    wilson = binomtest(correct, 4).proportion_ci(method="wilson")
+    summary = json.loads((run / "samples/test_step8_summary.json").read_text())
+    assert summary["accuracy"] == correct / 4 and summary["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
+    text_tags = EventAccumulator(str(run), size_guidance={"tensors": 0}).Reload().Tags()["tensors"]
+    assert {"val/summary/text_summary", "test/summary/text_summary"} <= set(text_tags)
 
 
 def build_module_from(model_folder: Path, checkpoint: Path) -> CausalLMFineTuner:
@@ -152,6 +161,7 @@ def build_module_from(model_folder: Path, checkpoint: Path) -> CausalLMFineTuner
     return module.eval()
 
 
+@pytest.mark.slow
 def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
     assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, "--export.adapter_only", "true")]) == 0
     export = run_dir(tmp_path) / "epoch_0"
@@ -160,13 +170,14 @@ def test_adapter_only_export_loads_with_peft(tiny_llama, tmp_path):
     base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(export)))  # the planning tokens' rows
     model = PeftModel.from_pretrained(base, export).eval()
     module = build_module_from(tiny_llama, run_dir(tmp_path) / "checkpoints/last.ckpt")
-    merged = load_finetuned_model(ModelSpec(name=str(tiny_llama)), str(export)).eval()  # resizes the base itself
+    merged = load_trained(ModelSpec(name=str(tiny_llama)), str(export)).model  # resizes the base itself
     ids = torch.tensor([[5, 17, 42, 99, 3, 512, 513, 514, 520]])  # ending in planning tokens
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(merged(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
     args = tiny_args(tiny_qwen2, tmp_path, "--model.init_args.mode", "full", "--data.train_limit", "8")
     assert run_main(["fit", *args]) == 0
@@ -177,6 +188,7 @@ def test_full_finetuning_of_untied_qwen2(tiny_qwen2, tmp_path):
     assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_the_model_is_rejected(tiny_llama, tmp_path):
     """`cli.py --ckpt_path` rebuilds the model from the checkpoint's own settings (LightningCLI re-applies
     its hparams); a checkpoint loaded into a module of another mode or model still fails clearly."""
@@ -197,6 +209,7 @@ def test_checkpoint_that_does_not_fit_the_model_is_rejected(tiny_llama, tmp_path
         other_rank.on_load_checkpoint(checkpoint)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path, capsys):
     poison = '{"class_path": "helpers.PoisonWeightsAtStep", "init_args": {"step": 6}}'
     code = run_main(
@@ -208,6 +221,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
     dynamics = '{"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"types": ["test"]}}'
     args = tiny_args(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",

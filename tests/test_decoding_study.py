@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
-from math import comb
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from scipy.stats import binomtest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli
@@ -35,10 +37,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- maj@k / pass@k
+def pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
+    """The share of all k-subsets of n samples (the first c correct) that hold a correct one."""
+    subsets = list(combinations(range(n), k))
+    return sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+
+
 def test_pass_at_k_is_the_unbiased_estimator():
-    for n, c, k in [(8, 3, 1), (8, 3, 2), (8, 3, 6), (32, 5, 16), (4, 0, 2)]:
-        brute = 1 - comb(n - c, k) / comb(n, k)
-        assert pass_at_k(n, c, k) == pytest.approx(brute)
+    for n, c, k in [(8, 3, 1), (8, 3, 2), (8, 3, 6), (12, 5, 6), (4, 0, 2), (6, 5, 3), (10, 1, 10)]:
+        assert pass_at_k(n, c, k) == pytest.approx(pass_at_k_by_enumeration(n, c, k))
     assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8) and pass_at_k(8, 7, 2) == 1.0
     with pytest.raises(ValueError):
         pass_at_k(4, 1, 5)
@@ -52,7 +59,8 @@ def test_majority_vote_over_the_first_k_samples():
     assert majority_vote(["5", "3"], [False, True]) == ("5", False)  # a tie goes to the first answer seen
     assert majority_vote([None, None], [False, False]) == (None, False)
     metrics = question_metrics(predictions, correct, [1, 4, 6, 8])
-    assert metrics == {"maj@1": 1.0, "pass@1": 0.5, "maj@4": 0.0, "pass@4": pytest.approx(1 - comb(3, 4) / comb(6, 4)),
+    pass_4 = pass_at_k_by_enumeration(6, 3, 4)
+    assert metrics == {"maj@1": 1.0, "pass@1": 0.5, "maj@4": 0.0, "pass@4": pytest.approx(pass_4),
                        "maj@6": 1.0, "pass@6": 1.0}  # fmt: skip
 
 
@@ -143,6 +151,7 @@ def study_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_repeats_report_maj_and_pass_at_k_with_aligned_rank_logs(tiny_llama, tmp_path):
     assert run_main(["test", *study_args(tiny_llama, tmp_path)]) == 0
     samples = tmp_path / "decoding_gsm8k/version_0/samples"
@@ -156,6 +165,15 @@ def test_repeats_report_maj_and_pass_at_k_with_aligned_rank_logs(tiny_llama, tmp
     for name in ("maj@1", "maj@2", "maj@4", "pass@1", "pass@2", "pass@4"):
         assert summary[name] == pytest.approx(sum(row["metrics"][name] for row in rows) / 3)
     assert summary["accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 3)
+    wilson = binomtest(sum(row["correct"] for row in rows), 3).proportion_ci(method="wilson")
+    assert summary["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
+    for name in ("maj@1", "maj@2", "maj@4", "pass@1", "pass@2", "pass@4"):
+        assert summary[f"{name}_ci95"][0] <= summary[name] <= summary[f"{name}_ci95"][1]
+    per_sample = [sum(row["samples_correct"][j] for row in rows) / 3 for j in range(4)]
+    assert summary["single_sample_accuracy"]["per_sample"] == pytest.approx(per_sample)
+    assert summary["single_sample_accuracy"]["mean"] == pytest.approx(summary["pass@1"])
+    events = EventAccumulator(str(samples.parent), size_guidance={"tensors": 0}).Reload()
+    assert "test/summary/text_summary" in events.Tags()["tensors"]  # the summary table as TensorBoard text
     ranks = read_jsonl(samples / "test_step0_ranks.jsonl")  # one line per sequence, in the samples' order
     assert [(line["id"], line["sample"]) for line in ranks] == [(row["id"], s) for row in rows for s in range(4)]
     assert all(1 <= len(line["low_confidence_ranks"]) <= 6 for line in ranks)  # every step logged (threshold 1)
@@ -168,6 +186,7 @@ def test_repeats_report_maj_and_pass_at_k_with_aligned_rank_logs(tiny_llama, tmp
     assert analysis["majority_vote"]["all samples"]["accuracy"] == pytest.approx(summary["accuracy"])
 
 
+@pytest.mark.slow
 def test_predict_with_repeats_writes_one_row_per_question(tiny_llama, tmp_path):
     assert run_main(["predict", *study_args(tiny_llama, tmp_path)]) == 0
     run = tmp_path / "decoding_gsm8k/version_0"

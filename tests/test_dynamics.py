@@ -192,6 +192,7 @@ def test_bad_input_is_one_clear_error(tmp_path, pool, capsys):
     assert "bad.json item 3: field 'output' is missing or empty" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_live_callback_in_fit_matches_the_offline_command(tiny_llama, tmp_path, pool):
     callback = json.dumps(
         {"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"pool": str(pool), "every_n_steps": 3}}
@@ -216,6 +217,7 @@ def test_live_callback_in_fit_matches_the_offline_command(tiny_llama, tmp_path, 
         assert offline["results_by_type"][name]["avg_log_likelihood"][1:] == pytest.approx(live_values, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_select_writes_three_sets_that_train_high_fits_on(tiny_llama, tmp_path, pool):
     predictions = tmp_path / "predictions.jsonl"
     rows = [

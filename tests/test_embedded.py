@@ -100,6 +100,7 @@ def longest_run(ids: list[int]) -> int:
     return best
 
 
+@pytest.mark.slow
 def test_selection_training_and_dynamics_on_the_embedded_model(tmp_path):
     """select -> fit train_high.yaml with the live dynamics callback -> offline `dynamics` of the run."""
     from commands.dynamics import dynamics

@@ -50,6 +50,7 @@ def test_remote_code_is_off_by_default():
     assert ModelSpec().trust_remote_code is False
 
 
+@pytest.mark.slow
 def test_embedded_alias_resolves_to_a_cached_safetensors_folder():
     folder = resolve_model_path("smollm2-135m-instruct")
     assert resolve_model_path("smollm2-135m-instruct") == folder  # converted once, then cached

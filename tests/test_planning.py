@@ -17,7 +17,7 @@ from core.errors import UserInputError
 from datamodules.reasoning import ReasoningDataModule
 from evaluation.generation import GenerationSpec, generate
 from lightning_modules.finetune import CausalLMFineTuner
-from models.loader import load_finetuned_model
+from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.examples import TASKS, load_examples
 from tasks.planning import PlanningSpec, arithmetic_types, split_steps, tagged_steps
@@ -190,6 +190,7 @@ def test_checkpoint_with_other_planning_tokens_is_rejected_by_name(tiny_llama, t
     assert saved["planning_tokens"]["/"] == ["</_0>"]
 
 
+@pytest.mark.slow
 def test_prompt_tuning_fit_export_reload_gives_the_same_generations(tiny_qwen2_oversized, tmp_path):
     """Untied lm_head, oversized matrix: fit (prompt-tuning) -> merged export -> reload -> same greedy text."""
     args = tiny_args(
@@ -204,7 +205,7 @@ def test_prompt_tuning_fit_export_reload_gives_the_same_generations(tiny_qwen2_o
     tokenizer = AutoTokenizer.from_pretrained(run / "epoch_0")
     assert len(tokenizer) == 527 and tokenizer.convert_tokens_to_ids("<prefix_0>") == 512
     checkpoint = str(run / "checkpoints/last.ckpt")
-    from_checkpoint = load_finetuned_model(ModelSpec(name=str(tiny_qwen2_oversized)), checkpoint)
+    from_checkpoint = load_trained(ModelSpec(name=str(tiny_qwen2_oversized)), checkpoint).model
     prompt = tokenizer("Question: 2+3?\nAnswer: <prefix_0><prefix_1><prefix_2>", return_tensors="pt")
     spec = GenerationSpec(max_new_tokens=12)
     models = (exported, from_checkpoint.eval())
@@ -215,6 +216,7 @@ def test_prompt_tuning_fit_export_reload_gives_the_same_generations(tiny_qwen2_o
     assert torch.equal(exported.lm_head.weight[:512], base.lm_head.weight[:512])
 
 
+@pytest.mark.slow
 def test_memory_reason_config_fits_on_the_fixture(tiny_llama, tmp_path):
     args = [
         "--config", str(REPO / "configs/memory_reason_strategyqa.yaml"),
@@ -250,6 +252,7 @@ def test_every_planning_mode_overlay_stacks_and_instantiates(overlay, tiny_llama
         assert cli.model.planning.method == overlay.stem and cli.model.planning.embedding_model == str(tiny_llama)
 
 
+@pytest.mark.slow
 def test_aqua_config_with_vae_types_fits_and_tests_from_its_checkpoint(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("REASONING_LAB_CACHE", str(tmp_path / "cache"))
     args = [

@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import save_tiny
+from scipy.stats import binomtest
 
 from core.errors import UserInputError
 from core.tensors import pad_sequences
 from evaluation.generation import GenerationSpec, generate
 from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
+from evaluation.statistics import NOISE
 from models.head import OutputHead
 from models.loading import ModelSpec, load_model, load_tokenizer
 
@@ -168,7 +170,7 @@ def slot_cli(model: str, save_dir: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def read_arms(save_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
-    folder = next((save_dir / "slot").glob("version_*/samples/test_step0"))
+    folder = next((save_dir / "slot").glob("version_*/samples/test_step*[0-9]"))
     summary = json.loads((folder / "summary.json").read_text())
     logs = {
         arm: [json.loads(line) for line in (folder / f"{arm}.jsonl").read_text().splitlines()]
@@ -177,6 +179,7 @@ def read_arms(save_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
     return summary, logs
 
 
+@pytest.mark.slow
 def test_fine_tuned_checkpoint_and_its_export_give_the_same_answers(tiny_llama, tmp_path):
     from test_cli import run_dir, run_main, tiny_args
 
@@ -200,6 +203,7 @@ def test_fine_tuned_checkpoint_and_its_export_give_the_same_answers(tiny_llama, 
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_clear_error(tiny_llama, tmp_path):
     from test_cli import run_dir, run_main, tiny_args
 
@@ -211,6 +215,7 @@ def test_checkpoint_of_another_model_is_one_clear_error(tiny_llama, tmp_path):
     assert result.returncode == 2 and "does not match" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_empty_dataset_is_one_clear_error(tiny_llama, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -218,6 +223,7 @@ def test_empty_dataset_is_one_clear_error(tiny_llama, tmp_path):
     assert result.returncode == 2 and "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_slot_end_to_end_on_the_embedded_model(tmp_path):
     result = slot_cli(
         "smollm2-135m-instruct", tmp_path, "--data.test_limit", "3", "--data.eval_batch_size", "3",
@@ -238,6 +244,7 @@ def test_slot_end_to_end_on_the_embedded_model(tmp_path):
     assert events
 
 
+@pytest.mark.slow
 def test_math500_and_plain_prompts_work_the_same_way(tiny_llama, tmp_path):
     result = slot_cli(
         str(tiny_llama), tmp_path, "--data.task", "math", "--data.answer_format", "math", "--data.test_limit", "2",
@@ -248,6 +255,15 @@ def test_math500_and_plain_prompts_work_the_same_way(tiny_llama, tmp_path):
     summary, logs = read_arms(tmp_path)
     rows = logs["log_times_5_lr_0.1"]
     assert len(rows) == 2 and all(row["prompt"].startswith("Question: ") for row in rows)
+    entry, baseline = summary["arms"]["log_times_5_lr_0.1"], logs["log_times_0_lr_0.1"]
+    wilson = binomtest(sum(row["correct"] for row in rows), 2).proportion_ci(method="wilson")
+    assert entry["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
+    fixed, broken = len(entry["fixed"]), len(entry["broken"])
+    assert (entry["vs_baseline"]["fixed"], entry["vs_baseline"]["broken"]) == (fixed, broken)
+    assert entry["vs_baseline"]["difference"] == pytest.approx((fixed - broken) / 2)
+    assert entry["vs_baseline"]["verdict"] == NOISE  # 2 questions can never be more than noise
+    assert entry["vs_baseline"]["mcnemar_p"] == 1.0 and "format_accuracy_ci95" in entry
+    assert {row["id"] for row in baseline} == {row["id"] for row in rows} and "McNemar p" in result.stdout
     assert {row["id"] for row in rows} <= {
         json.loads(line)["unique_id"] for line in (REPO / "data/math500/test.jsonl").open()
     }

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from callbacks.slurm import SlurmRequeue
@@ -43,6 +44,7 @@ def slurm_environment(bin_dir: Path) -> dict[str, str]:
     return environment
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactly(tiny_llama, tmp_path):
     straight, slurm = tmp_path / "straight", tmp_path / "slurm"
     assert run_main(["fit", *tiny_args(tiny_llama, straight, "--trainer.max_epochs", "2")]) == 0

@@ -1,0 +1,98 @@
+"""The one evaluation path: prompt ids -> generation -> planning tokens removed -> scoring -> typed rows.
+
+Fine-tuning validation, `test`, `predict` and every SLOT arm call `evaluate_batch`; SLOT adds its delta with
+a forward hook around the call and continues from its own prefill (`past_key_values`), so SLOT with 0
+iterations is exactly `test`. The prompts already end with the model's planning prefix (the datamodule
+appends `PlanningSpec.eval_prefix()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+
+from evaluation.generation import GenerationSpec, generate
+from evaluation.rank_log import RankLogSpec, RankRecorder
+from evaluation.rows import EvaluationRow
+from evaluation.sampling_metrics import majority_vote, question_metrics
+from tasks.planning import PlanningSpec
+from tasks.scoring import score_completion
+
+
+def evaluate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: dict,
+    generation: GenerationSpec,
+    planning: PlanningSpec | None = None,
+    rank_log: RankLogSpec | None = None,
+    arm: str | None = None,
+    past_key_values: Cache | None = None,
+) -> list[EvaluationRow]:
+    """One row per question of an evaluation batch (left-padded `prompt_ids/prompt_mask`, `id`, `question`,
+    `answer`, `answer_format`, optional `position`). `generation.repeats` = n samples per question give the
+    majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample."""
+    recorder = RankRecorder(rank_log) if rank_log is not None else None
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if not generation.decoding.greedy:
+            torch.manual_seed(batch_seed(generation.seed, batch["id"]))
+        completions = generate(
+            model,
+            tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            generation,
+            past_key_values=past_key_values,
+            rank_recorder=recorder,
+        )
+    planning = planning or PlanningSpec()
+    n, rows = generation.repeats, []
+    positions = batch.get("position") or [0] * len(batch["id"])
+    for index, question_id in enumerate(batch["id"]):
+        samples = completions[index * n : (index + 1) * n]
+        gold = batch["answer"][index]
+        scored = [score_completion(batch["answer_format"], planning.remove_tokens(text), gold) for text in samples]
+        predictions, correct = [p for p, _ in scored], [c for _, c in scored]
+        prediction, is_correct = (predictions[0], correct[0]) if n == 1 else majority_vote(predictions, correct)
+        ranks = None
+        if recorder is not None:
+            ranks = [
+                dict(low_confidence_ranks=recorder.low_confidence[i], low_probability_ranks=recorder.low_probability[i])
+                for i in range(index * n, (index + 1) * n)
+            ]
+        rows.append(
+            EvaluationRow(
+                id=question_id,
+                question=batch["question"][index],
+                answer=gold,
+                completions=samples,
+                predictions=predictions,
+                samples_correct=correct,
+                prediction=prediction,
+                correct=is_correct,
+                position=int(positions[index]),
+                arm=arm,
+                metrics=question_metrics(predictions, correct, generation.at_k) if n > 1 else {},
+                ranks=ranks,
+            )
+        )
+    return rows
+
+
+def batch_seed(seed: int, question_ids: list[str]) -> int:
+    """A seed determined by `seed` and the batch's questions (stable across processes and runs)."""
+    digest = hashlib.sha256(json.dumps([seed, list(question_ids)]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def response_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed next-token cross-entropy over the labelled (response) tokens, and their count."""
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    return losses.sum(-1), (targets != -100).sum(-1)

@@ -1,0 +1,105 @@
+"""Evaluation under DDP with 2 CPU processes equals the 1-process run: files, summaries and logged metrics.
+
+An odd number of questions makes `DistributedSampler` pad one rank with a repeated question: it must count once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import REPO, run_dir, run_main, tiny_args
+
+pytestmark = pytest.mark.slow  # several CLI runs, two of them with 2 processes each
+
+QUESTIONS = ["--data.val_size", "5", "--data.test_limit", "5", "--data.eval_batch_size", "1"]
+REPEATS = ["--model.init_args.generation.repeats", "3", "--model.init_args.generation.at_k", "[1,3]",
+           "--model.init_args.generation.decoding.temperature", "1.0"]  # fmt: skip
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory) -> Path:
+    """A short LoRA + planning-token fit: its last checkpoint."""
+    save_dir = tmp_path_factory.mktemp("ddp-eval")
+    assert run_main(["fit", *tiny_args(tiny_llama, save_dir, "--trainer.max_steps", "2", *QUESTIONS)]) == 0
+    return run_dir(save_dir) / "checkpoints/last.ckpt"
+
+
+def cli(args: list[str], processes: int) -> None:
+    if processes == 1:
+        assert run_main(args) == 0
+        return
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, *DDP], capture_output=True, text=True,
+                            cwd=REPO, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def outputs(run: Path) -> dict[str, object]:
+    """Every JSON / JSONL output of a run (by relative path) and every logged scalar (by tag)."""
+    found: dict[str, object] = {}
+    for path in sorted(run.rglob("*.json*")):
+        text = path.read_text()
+        found[str(path.relative_to(run))] = (
+            [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else json.loads(text)
+        )
+    events = EventAccumulator(str(run))
+    events.Reload()
+    for tag in events.Tags()["scalars"]:
+        found[f"scalar:{tag}"] = [round(event.value, 5) for event in events.Scalars(tag)]
+    return found
+
+
+def compare(tiny_llama: Path, tmp_path: Path, subcommand: str, *extra: str, experiment: str = "planning_gsm8k"):
+    runs = []
+    for processes in (1, 2):
+        save_dir = tmp_path / f"p{processes}"
+        cli([subcommand, *tiny_args(tiny_llama, save_dir, *QUESTIONS, *extra)], processes)
+        runs.append(outputs(next((save_dir / experiment).glob("version_*"))))
+    single, distributed = runs
+    assert single.keys() == distributed.keys()
+    for key in single:
+        assert distributed[key] == single[key], key
+    return single
+
+
+def test_validate(tiny_llama, tmp_path, trained):
+    found = compare(tiny_llama, tmp_path, "validate", "--ckpt_path", str(trained))
+    samples = next(value for key, value in found.items() if key.startswith("samples/val_step"))
+    assert len(samples) == 5 and len({row["id"] for row in samples}) == 5
+    accuracy = sum(row["correct"] for row in samples) / 5
+    assert found["scalar:val/accuracy"] == [round(accuracy, 5)] and "scalar:val/loss" in found
+
+
+def test_test_greedy_and_with_repeats(tiny_llama, tmp_path, trained):
+    found = compare(tiny_llama, tmp_path / "greedy", "test", "--ckpt_path", str(trained))
+    summary = next(value for key, value in found.items() if key.endswith("_summary.json"))
+    assert summary["questions"] == 5 and found["scalar:test/accuracy"] == [round(summary["accuracy"], 5)]
+
+    found = compare(tiny_llama, tmp_path / "repeats", "test", "--ckpt_path", str(trained), *REPEATS)
+    rows = next(value for key, value in found.items() if key.startswith("samples/test_step") and key.endswith(".jsonl"))
+    summary = next(value for key, value in found.items() if key.endswith("_summary.json"))
+    assert len(rows) == 5 and all(len(row["completions"]) == 3 for row in rows)
+    for name in ("maj@3", "pass@3"):
+        expected = sum(row["metrics"][name] for row in rows) / 5
+        assert summary[name] == pytest.approx(expected) and found[f"scalar:test/{name}"] == [round(expected, 5)]
+
+
+def test_slot_arms(tiny_llama, tmp_path):
+    slot = ["--config", str(REPO / "configs/slot.yaml"), "--model.init_args.backbone.name", str(tiny_llama),
+            "--model.init_args.generation.max_new_tokens", "6", "--data.test_limit", "5",
+            "--data.eval_batch_size", "1", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    runs = []
+    for processes in (1, 2):
+        save_dir = tmp_path / f"p{processes}"
+        cli(["test", *slot, "--trainer.logger.init_args.save_dir", str(save_dir)], processes)
+        runs.append(outputs(next((save_dir / "slot").glob("version_*"))))
+    assert runs[0] == runs[1]
+    summary = next(value for key, value in runs[0].items() if key.endswith("summary.json"))
+    assert len(summary["arms"]) == 2 and all(entry["questions"] == 5 for entry in summary["arms"].values())
+    for arm, entry in summary["arms"].items():
+        assert runs[0][f"scalar:test/{arm}/accuracy"] == [round(entry["accuracy"], 5)]

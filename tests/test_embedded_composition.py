@@ -1,0 +1,59 @@
+"""On the real embedded model: a planning-token LoRA run evaluated by `test` and by SLOT gives the same baseline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_slot_baseline_on_a_planning_run_equals_its_test(tmp_path):
+    """README command 1's run (shortened), then `test --ckpt_path last` and SLOT's baseline arm on its `epoch_0`
+    with the run's prompt and answer format: the same completions, planning prefix included in both prompts."""
+    run_config = [
+        "--config",
+        str(REPO / "configs/planning_gsm8k.yaml"),
+        "--config",
+        str(REPO / "configs/presets/cpu_demo.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    questions = ["--data.test_limit", "3", "--data.eval_batch_size", "3", "--model.init_args.generation.max_new_tokens",
+                 "40"]  # fmt: skip
+    cli("fit", *run_config, "--trainer.max_steps", "4", "--data.train_limit", "16", "--data.val_size", "2")
+    run = tmp_path / "planning_gsm8k/version_0"
+    cli("test", *run_config, *questions, "--ckpt_path", "last")
+    tested = {row["id"]: row for row in read_jsonl(run / "samples/test_step4.jsonl")}
+
+    info = json.loads((run / "epoch_0/training_info.json").read_text())
+    cli("test", "--config", str(REPO / "configs/slot.yaml"), *questions,
+        "--model.init_args.checkpoint", str(run / "epoch_0"), "--model.init_args.arms", "[{iters: 0}]",
+        "--data.prompt.system_prompt", "null", "--data.prompt.style", info["prompt"]["style"],
+        "--data.answer_format", "gsm8k", "--trainer.logger.init_args.save_dir", str(tmp_path / "slot"),
+        "--trainer.enable_progress_bar", "false")  # fmt: skip
+    arms = next((tmp_path / "slot/slot").glob("version_*/samples/test_step4"))
+    baseline = read_jsonl(arms / "log_times_0_lr_0.1.jsonl")
+    assert len(baseline) == 3
+    for row in baseline:
+        assert row["prompt"].endswith("<prefix_0><prefix_1><prefix_2>")  # the planning prefix it trained with
+        assert row["completion"] == tested[row["id"]]["completion"]
+        assert row["correct"] == tested[row["id"]]["correct"]
