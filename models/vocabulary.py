@@ -36,8 +36,8 @@ def resize_and_initialise(
     """Make room for the tokenizer's added tokens and initialise the rows of the `new` ones (input embedding
     and, when untied, lm_head) from the embedding of their key's word (mean over the word's pieces); keys
     without a word get the mean row of the original vocabulary. With `spread` > 0, every token of a key after
-    its first adds a perturbation seeded by the token's string (the same on every run and process) with
-    `spread` x the matrix's entry std per coordinate, so the rows of one key start distinct. Tokens the
+    its first adds a perturbation seeded by the token's string (the same on every run and process) of
+    `spread` x each coordinate's std over the vocabulary, so the rows of one key start distinct. Tokens the
     backbone's own tokenizer already had (an export) keep their trained rows. Returns the ids of every
     planning token, in order."""
     ids = [tokenizer.convert_tokens_to_ids(token) for tokens in key_tokens.values() for token in tokens]
@@ -52,7 +52,7 @@ def resize_and_initialise(
         matrices.append(output.weight)
     with torch.no_grad():
         for matrix in matrices:
-            scale = spread * matrix[:base_vocabulary].float().std() if spread else 0.0
+            scale = spread * matrix[:base_vocabulary].float().std(0) if spread else 0.0  # per coordinate
             for key, tokens in key_tokens.items():
                 word = init_words.get(key)
                 pieces = tokenizer(word, add_special_tokens=False).input_ids if word else []
