@@ -16,8 +16,12 @@ SPLITS = {"val": "validation", "test": "test"}
 class PlanningReport(L.Callback):
     """After validation and test, for every planning key: mean count per question in the generations
     (the general prefix given in the prompt included) and in the planned gold solutions of the same
-    questions. Written to `planning/{val,test}_step{N}.json` and TensorBoard (`{stage}/planning/...`).
-    Does nothing when the model has no planning tokens."""
+    questions, and the share of generations that follow the trained layout (planning tokens, step text,
+    answer line). Written to `planning/{val,test}_step{N}.json` and TensorBoard (`{stage}/planning/...`);
+    the latest report stays in `latest` (with its "path"). Does nothing when the model has no planning tokens."""
+
+    def __init__(self) -> None:
+        self.latest: dict | None = None
 
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
@@ -36,15 +40,17 @@ class PlanningReport(L.Callback):
         run_dir = run_directory(trainer)  # a collective under DDP: every rank calls it
         if not trainer.is_global_zero or not rows:
             return
-        generated, gold = Counter(), Counter()
+        generated, gold, layout = Counter(), Counter(), 0.0
         for row in rows:  # per question: the mean over its samples
             for completion in row.completions:
                 counts = planning.count_types(planning.eval_prefix() + completion)
                 generated.update({key: count / len(row.completions) for key, count in counts.items()})
+                layout += planning.follows_layout(planning.eval_prefix() + completion) / len(row.completions)
             gold.update(gold_by_id.get(row.id, {}))
         keys = planning.key_tokens()
         report = {
             "questions": len(rows),
+            "layout_share": layout / len(rows),
             "per_question": {
                 key: {"generated": generated[key] / len(rows), "gold": gold[key] / len(rows)} for key in keys
             },
@@ -56,4 +62,6 @@ class PlanningReport(L.Callback):
                 for key, values in report["per_question"].items():
                     for kind, value in values.items():
                         logger.experiment.add_scalar(f"{stage}/planning/{key}_{kind}", value, step)
+                logger.experiment.add_scalar(f"{stage}/planning/layout_share", report["layout_share"], step)
+        self.latest = {**report, "path": str(path)}
         rank_zero_info(f"Planning-token report: {path}")

@@ -1,13 +1,15 @@
-"""Tells the user where a run's outputs are: at the start of fit, and what was written at its end."""
+"""Tells the user where a run's outputs are: at the start of fit, and what was written and learned at its end."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.export import EpochExport
+from callbacks.planning_report import PlanningReport
 from core.io import run_directory
 
 
@@ -18,10 +20,27 @@ def export_directory(trainer: L.Trainer, run_dir: Path) -> Path:
 
 
 class RunSummary(L.Callback):
-    """Prints the run directory, the TensorBoard command, the checkpoints and the epoch exports."""
+    """Prints the run directory, the TensorBoard command, the checkpoints and the epoch exports; at the end of
+    fit also what training did: the validation loss before the first step vs. after the last validation, the
+    share of validation completions that follow the planning layout, and the newest validation sample file.
+    The loss before training is teacher-forced on the validation set (no generation) and logged as `val/loss`
+    at the starting step."""
+
+    def __init__(self) -> None:
+        self.start: tuple[int, float] | None = None
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._print_start(trainer, run_directory(trainer))
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.start = None
+        datamodule = trainer.datamodule
+        if not trainer.limit_val_batches or not hasattr(module, "mean_loss") or datamodule is None:
+            return
+        self.start = (trainer.global_step, module.mean_loss(datamodule.val_dataloader()))
+        for logger in trainer.loggers if trainer.is_global_zero else ():
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_scalar("val/loss", self.start[1], self.start[0])
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._print_end(trainer, run_directory(trainer))
@@ -45,4 +64,25 @@ class RunSummary(L.Callback):
                 lines.append(f"  checkpoint:       {checkpoint}")
         for export in sorted(export_directory(trainer, run_dir).glob("epoch_[0-9]*")):
             lines.append(f"  epoch export:     {export}")
+        lines += self._learned(trainer, run_dir)
         print("\n".join(lines) + "\n", flush=True)
+
+    def _learned(self, trainer: L.Trainer, run_dir: Path) -> list[str]:
+        """The lines on what training changed: validation loss, planning layout share, the newest sample file."""
+        lines = []
+        end = trainer.callback_metrics.get("val/loss")
+        if self.start is not None and end is not None:
+            (step, loss), now = self.start, trainer.global_step
+            lines.append(f"  validation loss:  {loss:.4f} at step {step} -> {float(end):.4f} at step {now}")
+        reports = [callback.latest for callback in trainer.callbacks if isinstance(callback, PlanningReport)]
+        if reports and reports[0]:
+            report = reports[0]
+            followed = round(report["layout_share"] * report["questions"])
+            lines.append(
+                f"  planning layout:  {followed}/{report['questions']} validation completions follow it "
+                f"(planning tokens, step text, answer line): {report['path']}"
+            )
+        samples = sorted(run_dir.glob("samples/val_step*.jsonl"), key=lambda path: int(path.stem[8:]))
+        if samples:
+            lines.append(f"  val samples:      {samples[-1]}")
+        return lines

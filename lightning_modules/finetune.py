@@ -125,6 +125,11 @@ class CausalLMFineTuner(LightningModule):
 
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
+        if self.planning.token_lr is not None and self.mode in TOKEN_MODES:  # the planning rows: their own rate
+            rows = [p for n, p in self.named_parameters() if p.requires_grad and "trainable_tokens_delta" in n]
+            rest = [p for p in parameters if all(p is not row for row in rows)]
+            groups = ({"params": rest}, {"params": rows, "lr": self.planning.token_lr})
+            parameters = [group for group in groups if group["params"]]
         optimizer = (
             self.optimizer_factory(parameters)
             if self.optimizer_factory
@@ -147,6 +152,22 @@ class CausalLMFineTuner(LightningModule):
                 inputs["attention_mask"] = None
             return self.model(**inputs, use_cache=False).loss, tokens
         return response_loss(self.model, **inputs, fused=self.loss == "liger"), tokens
+
+    @torch.no_grad()
+    def mean_loss(self, batches) -> float:
+        """Token-weighted mean response loss over `batches` (on this module's device), in eval mode: the
+        quantity `val/loss` reports, without generating. The global RNG is left as it was (a DataLoader draws
+        its base seed from it), so a resumed run stays bit-exact."""
+        was_training, total, count = self.model.training, 0.0, 0
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for batch in batches:
+                    loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
+                    total, count = total + loss.item() * tokens.item(), count + tokens.item()
+        finally:
+            self.model.train(was_training)
+        return total / max(count, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)

@@ -51,7 +51,7 @@ def build_trainable_model(
     """`model` with room for the planning tokens (rows of `new_tokens` initialised from their key words) and
     wrapped for `mode`: LoRA adapters and/or PEFT trainable tokens (only the planning rows train)."""
     key_tokens, words = planning.key_tokens(), {key: planning.init_word(key) for key in planning.key_tokens()}
-    ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens)
+    ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens, planning.init_spread)
     if mode in ("lora", "qlora"):
         return get_peft_model(model, lora.to_config())
     if mode in ("lora+prompt-tuning", "qlora+prompt-tuning"):

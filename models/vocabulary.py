@@ -7,6 +7,8 @@ ids on rows that already exist (the upstream bug). The matrix grows only when th
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from peft import TrainableTokensConfig
 from tokenizers import AddedToken
@@ -29,11 +31,15 @@ def resize_and_initialise(
     key_tokens: dict[str, list[str]],
     init_words: dict[str, str | None],
     new: set[str],
+    spread: float = 0.0,
 ) -> list[int]:
     """Make room for the tokenizer's added tokens and initialise the rows of the `new` ones (input embedding
     and, when untied, lm_head) from the embedding of their key's word (mean over the word's pieces); keys
-    without a word get the mean row of the original vocabulary. Tokens the backbone's own tokenizer already
-    had (an export) keep their trained rows. Returns the ids of every planning token, in order."""
+    without a word get the mean row of the original vocabulary. With `spread` > 0, every token of a key after
+    its first adds a perturbation seeded by the token's string (the same on every run and process) of
+    `spread` x each coordinate's std over the vocabulary, so the rows of one key start distinct. Tokens the
+    backbone's own tokenizer already had (an export) keep their trained rows. Returns the ids of every
+    planning token, in order."""
     ids = [tokenizer.convert_tokens_to_ids(token) for tokens in key_tokens.values() for token in tokens]
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -45,16 +51,21 @@ def resize_and_initialise(
     if output is not None and output.weight is not matrices[0]:
         matrices.append(output.weight)
     with torch.no_grad():
-        for key, tokens in key_tokens.items():
-            rows = [tokenizer.convert_tokens_to_ids(token) for token in tokens if token in new]
-            if not rows:
-                continue
-            word = init_words.get(key)
-            pieces = tokenizer(word, add_special_tokens=False).input_ids if word else []
-            pieces = [piece for piece in pieces if piece < base_vocabulary]
-            for matrix in matrices:
-                source = matrix[pieces] if pieces else matrix[:base_vocabulary]
-                matrix[rows] = source.float().mean(0).to(matrix.dtype)
+        for matrix in matrices:
+            scale = spread * matrix[:base_vocabulary].float().std(0) if spread else 0.0  # per coordinate
+            for key, tokens in key_tokens.items():
+                word = init_words.get(key)
+                pieces = tokenizer(word, add_special_tokens=False).input_ids if word else []
+                pieces = [piece for piece in pieces if piece < base_vocabulary]
+                source = (matrix[pieces] if pieces else matrix[:base_vocabulary]).float().mean(0)
+                for index, token in enumerate(tokens):
+                    if token not in new:
+                        continue
+                    row = source
+                    if index and spread:
+                        generator = torch.Generator().manual_seed(zlib.crc32(token.encode()))
+                        row = source + scale * torch.randn(source.shape, generator=generator)
+                    matrix[tokenizer.convert_tokens_to_ids(token)] = row.to(matrix.dtype)
     return ids
 
 

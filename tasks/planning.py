@@ -52,6 +52,14 @@ class PlanningSpec:
     """vae: training epochs of the step VAE (Adam, lr 1e-4)."""
     cache: bool = True
     """kmeans / vae: cache step annotations (keyed by data, method and model) so a second run reuses them."""
+    init_spread: float = 0.0
+    """Initial rows: every token of a key starts at its word's embedding row; with init_spread > 0 the tokens
+    after a key's first add a seeded perturbation of init_spread x each coordinate's std over the vocabulary,
+    so they start distinct (0 = identical copies of the word's row, the paper's). On SmolLM2 (tied) 1.0 makes
+    the untrained model put 65 % of the next-token mass on the prefix tokens after the evaluation prefix
+    (0.1: 2.5 %, 0: 1 %)."""
+    token_lr: float | None = None
+    """Learning rate of the new token rows in the prompt-tuning modes (None = the optimizer's)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +67,8 @@ class PlanningSpec:
             raise UserInputError(f"model.planning.method: unknown selection method '{self.method}'; known: {known}")
         if self.operators not in ("basic", "extended"):
             raise UserInputError(f"model.planning.operators must be basic or extended, got '{self.operators}'")
+        if self.init_spread < 0 or (self.token_lr is not None and self.token_lr <= 0):
+            raise UserInputError("model.planning.init_spread must be >= 0 and token_lr > 0")
         if self.n_prefix < 0 or self.n_special < 0:
             raise UserInputError("model.planning.n_prefix and n_special must be >= 0")
         if self.active and self.n_prefix == 0 and self.n_special == 0:
@@ -117,6 +127,21 @@ class PlanningSpec:
         """How many steps of each key `text` plans (occurrences of each key's first token)."""
         tokens = self.key_tokens()
         return Counter({key: text.count(toks[0]) for key, toks in tokens.items()})
+
+    def follows_layout(self, text: str) -> bool:
+        """Whether `text` (a planned solution, the evaluation prefix included) has the trained layout: one or more
+        steps, each its planning tokens then text without planning tokens, then the answer line."""
+        tokens = self.key_tokens()
+        if not tokens:
+            return False
+        prefix = re.escape("".join(tokens.get("prefix", [])))
+        types = "|".join(re.escape("".join(t)) for key, t in tokens.items() if key not in ("prefix", "answer"))
+        plan = prefix + (f"(?:{types})+" if types else "")
+        answer = prefix + re.escape("".join(tokens.get("answer", [])))
+        plain = "(?:(?!" + "|".join(re.escape(token) for token in self.tokens()) + ")[^\\n])"
+        step = f"{plan}[ \\t]*{plain}*\\S{plain}*\\n"
+        answer_line = f"{answer}{re.escape(ANSWER_LINE.format(answer=''))}[ \\t]*\\S{plain}*\\s*"
+        return re.fullmatch(f"(?:{step})+{answer_line}", text) is not None
 
     def remove_tokens(self, text: str) -> str:
         """`text` without planning tokens (what answer extraction reads)."""
