@@ -154,6 +154,7 @@ class CausalLMFineTuner(LightningModule):
         return response_loss(self.model, **inputs, fused=self.loss == "liger"), tokens
 
     @torch.no_grad()
+    @torch.no_grad()
     def mean_loss(self, batches) -> float:
         """Token-weighted mean response loss over `batches` (on this module's device), in eval mode: the
         quantity `val/loss` reports, without generating. The global RNG is left as it was (a DataLoader draws

@@ -131,6 +131,7 @@ def test_layout_check_accepts_the_trained_layout_only(n_special):
     assert not PlanningSpec().follows_layout(good)  # no planning tokens: no layout
 
 
+@pytest.mark.slow
 def test_run_summary_shows_loss_before_and_after_layout_share_and_samples(tiny_llama, tmp_path, capsys):
     """The fit's summary: the step-0 validation loss equals `validate` of the untrained model (an independent
     Lightning validation pass), the layout count matches the sample file, and the paths exist."""
