@@ -30,9 +30,8 @@ class VllmSettings:
     """Settings of the vLLM engine (`generation.engine: vllm`); ignored by the HF engine."""
 
     tensor_parallel_size: int = 1
-    """GPUs each model copy is split over."""
-    data_parallel_size: int = 1
-    """Model copies (each `tensor_parallel_size` GPUs)."""
+    """GPUs the model is split over. Data parallelism: trainer.devices (each process runs its own engine; vLLM's
+    offline engine takes no data_parallel_size)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory vLLM reserves (on vLLM's CPU backend: of host RAM; use ~0.3 there)."""
     max_model_len: int | None = None
@@ -45,7 +44,7 @@ class VllmSettings:
     """vLLM's CPU backend only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, unless already set)."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "data_parallel_size", "cpu_kv_cache_gib"):
+        for name in ("tensor_parallel_size", "cpu_kv_cache_gib"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserInputError(f"generation.vllm.{name} must be an integer >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -84,7 +83,7 @@ class GenerationSpec:
     for `test` and `predict` only: SLOT arms and fit's in-loop validation need hf. Same prompt ids, decoding
     rules, stop strings, scoring and rows; settings in `vllm`."""
     vllm: VllmSettings = field(default_factory=VllmSettings)
-    """Engine settings of `engine: vllm` (parallelism, memory fraction, max model length, dtype)."""
+    """Engine settings of `engine: vllm` (tensor parallelism, memory fraction, max model length, dtype)."""
     seed: int = 0
     """Seed of sampling: each evaluation batch samples from this seed and its question ids (the training random
     stream is left untouched), so with batch size 1 a question's samples do not depend on the process or order

@@ -60,7 +60,6 @@ def engine(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings:
         tokenizer=str(folder),
         dtype=settings.dtype,
         tensor_parallel_size=settings.tensor_parallel_size,
-        data_parallel_size=settings.data_parallel_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,

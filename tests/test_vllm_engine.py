@@ -7,7 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,11 @@ KNOBS = [
     DecodingSpec(top_k=20, min_p=0.05),
 ]
 HF_WARPERS = {"top_k": TopKLogitsWarper, "min_p": MinPLogitsWarper}
+
+
+def knob_name(spec: DecodingSpec) -> str:
+    changed = {f.name: getattr(spec, f.name) for f in fields(spec) if getattr(spec, f.name) != f.default}
+    return ",".join(f"{name}={value}" for name, value in changed.items()) or "plain"
 
 
 def model_like_logits(rows: int = 6, vocab: int = 300, seed: int = 0) -> torch.Tensor:
@@ -143,7 +148,7 @@ def test_unknown_engine_setting_is_one_clear_error(tiny_llama, tmp_path, capsys)
 
 # ------------------------------------------------------------------------------------ the vLLM adapter itself
 @needs_vllm
-@pytest.mark.parametrize("spec", KNOBS, ids=repr)
+@pytest.mark.parametrize("spec", KNOBS, ids=lambda spec: knob_name(spec))
 def test_vllm_adapter_leaves_the_hf_engines_distribution(spec):
     """Same logits, both engines: identical kept sets and renormalised probabilities (vLLM samples from the
     softmax of what its processors return at temperature 1: its sampler is not run here)."""
@@ -171,28 +176,28 @@ def test_vllm_adapter_leaves_the_hf_engines_distribution(spec):
 
 @needs_vllm
 def test_vllm_adapter_follows_removals_moves_and_swaps():
+    from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     from evaluation.vllm_engine import sampling_params
     from evaluation.vllm_processor import CorrectnessFirstLogitsProcessor
 
     top_k, min_p = DecodingSpec(top_k=3), DecodingSpec(min_p=0.2)
-    params = {spec: sampling_params(GenerationSpec(decoding=spec), [2], 0, False) for spec in (top_k, min_p)}
+    top_k_params, min_p_params = (sampling_params(GenerationSpec(decoding=s), [2], 0, False) for s in (top_k, min_p))
     processor = CorrectnessFirstLogitsProcessor(None, torch.device("cpu"), False)
-    added = [(0, params[top_k], [1], []), (1, params[min_p], [1], []), (2, params[top_k], [1], [])]
+    added = [(0, top_k_params, [1], []), (1, min_p_params, [1], []), (2, top_k_params, [1], [])]
     processor.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
     swap = (0, 1, MoveDirectionality.SWAP)
     processor.update_state(BatchUpdate(batch_size=3, removed=[2], added=[], moved=[swap]))
     logits = model_like_logits(rows=2)
     expected = torch.cat([filter_rows([min_p], logits[:1]), filter_rows([top_k], logits[1:])])
     assert torch.equal(processor.apply(logits), expected)
-    processor.update_state(
-        BatchUpdate(batch_size=1, removed=[0], added=[], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)])
-    )
+    move = (1, 0, MoveDirectionality.UNIDIRECTIONAL)
+    processor.update_state(BatchUpdate(batch_size=1, removed=[0], added=[], moved=[move]))
     assert processor.specs == {0: top_k}
     with pytest.raises(ValueError, match="decoding.top_k must be an integer >= 0"):
         CorrectnessFirstLogitsProcessor.validate_params(
-            replace(params[top_k], extra_args={"reasoning_lab_decoding": {"top_k": -1}})
+            SamplingParams(extra_args={"reasoning_lab_decoding": {"top_k": -1}})
         )
 
 
