@@ -245,7 +245,7 @@ def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
     tokenizer = load_tokenizer(ModelSpec())
     divergences = []
     for question_id, hf in rows["hf"].items():
-        a, b = hf["completions"][0], rows["vllm"][question_id]["completions"][0]
+        a, b = hf["completion"], rows["vllm"][question_id]["completion"]  # one sample: the row's own fields
         if a != b:
             x, y = tokenizer(a)["input_ids"], tokenizer(b)["input_ids"]
             start = next((i for i, (s, t) in enumerate(zip(x, y, strict=False)) if s != t), min(len(x), len(y)))
@@ -253,7 +253,7 @@ def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
                                f"{tokenizer.decode(y[start:start + 3])!r}")  # fmt: skip
     print("divergences:", divergences)
     assert len(divergences) <= 1, divergences
-    same = [i for i in rows["hf"] if rows["hf"][i]["completions"] == rows["vllm"][i]["completions"]]
+    same = [i for i in rows["hf"] if rows["hf"][i]["completion"] == rows["vllm"][i]["completion"]]
     assert all(rows["hf"][i]["prediction"] == rows["vllm"][i]["prediction"] for i in same)
     assert all(set(rows["vllm_ranks"][i]["low_confidence_ranks"]) <= {1} for i in same)  # greedy: rank 1
     matching_logs = [i for i in same if rows["hf_ranks"][i] == rows["vllm_ranks"][i]]
