@@ -256,8 +256,14 @@ def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
     same = [i for i in rows["hf"] if rows["hf"][i]["completion"] == rows["vllm"][i]["completion"]]
     assert all(rows["hf"][i]["prediction"] == rows["vllm"][i]["prediction"] for i in same)
     assert all(set(rows["vllm_ranks"][i]["low_confidence_ranks"]) <= {1} for i in same)  # greedy: rank 1
-    matching_logs = [i for i in same if rows["hf_ranks"][i] == rows["vllm_ranks"][i]]
-    assert len(matching_logs) >= len(same) - 1  # top-1 probabilities at the 0.3 threshold agree
+    hf_ranks, vllm_ranks = rows["hf_ranks"], rows["vllm_ranks"]
+    matching = [i for i in same if hf_ranks[i]["low_confidence_ranks"] == vllm_ranks[i]["low_confidence_ranks"]]
+    assert len(matching) >= len(same) - 1  # top-1 probabilities at the 0.3 threshold agree
+    # Known HF-side difference: the SmolLM2 tokenizer pads with its EOS, so after a stop string HF's RankRecorder
+    # logs the first padding position as an EOS step (one extra, very high rank); vLLM ends at the stop token.
+    for i in same:
+        hf_low, vllm_low = hf_ranks[i]["low_probability_ranks"], vllm_ranks[i]["low_probability_ranks"]
+        assert vllm_low in (hf_low, hf_low[:-1]), (i, hf_low, vllm_low)
 
 
 @needs_vllm
