@@ -153,66 +153,88 @@ def edt_temperature(logits: torch.Tensor, n: float, theta: float, t0: float) -> 
     return t0 * torch.exp(((theta / h) * math.log(n)).clamp(min=1e-5))
 
 
-class CorrectnessFirstProcessor(LogitsProcessor):
-    """All of `DecodingSpec`'s rules in one processor: scaled logits with everything outside the top K at -inf.
+def scale(spec: DecodingSpec, logits: torch.Tensor) -> torch.Tensor:
+    """Rule 1: EDT when set, else the temperature (0 counts as 1 here; rule 12 makes it greedy)."""
+    if spec.edt_var is not None:
+        return logits / edt_temperature(logits, *spec.edt_var)[:, None]
+    return logits if spec.temperature in (0, 1) else logits / spec.temperature
 
-    K is the minimum over the active rules, computed per row on the same p = softmax(scaled logits), so
-    sampling from the result samples from the renormalised kept set. Vectorised over the batch (one sort).
-    """
+
+def keep_counts(
+    spec: DecodingSpec, scaled: torch.Tensor, probs: torch.Tensor, sorted_probs: torch.Tensor
+) -> torch.Tensor:
+    """Rules 3-12: the per-row K (long, 1..V)."""
+    vocab = scaled.shape[-1]
+    pmax = probs.amax(dim=-1, keepdim=True)
+    k = torch.full((scaled.shape[0],), vocab, dtype=torch.long, device=scaled.device)
+
+    def count(kept: torch.Tensor) -> torch.Tensor:  # K = #{kept}, at least 1
+        return kept.sum(dim=-1).clamp(min=1)
+
+    confidence_bin = (pmax[:, 0] * 10).floor().long().clamp(max=9)  # 0 = [0, 0.1) ... 9 = [0.9, 1]
+    if spec.top_k:
+        k = k.clamp(max=spec.top_k)
+    if spec.dynamic_top_k is not None:
+        table = torch.tensor(spec.dynamic_top_k, dtype=torch.long, device=k.device)
+        k = torch.minimum(k, table[9 - confidence_bin])  # element 0 for pmax in [0.9, 1]
+    if spec.prob_threshold:
+        k = torch.minimum(k, count(probs >= spec.prob_threshold))
+    if spec.min_p:
+        k = torch.minimum(k, count(probs >= spec.min_p * pmax))
+    if spec.top_p < 1:
+        k = torch.minimum(k, (sorted_probs.cumsum(dim=-1) <= spec.top_p).sum(dim=-1) + 1)
+    if spec.hewitt_epsilon:
+        eps = torch.tensor(spec.hewitt_epsilon, device=scaled.device)
+        threshold = torch.minimum(eps, eps.sqrt() * torch.exp(-entropy(scaled)))
+        k = torch.minimum(k, count(probs >= threshold[:, None]))
+    if spec.greedy_threshold:
+        k = torch.where(pmax[:, 0] < spec.greedy_threshold, 1, k)
+    if spec.confidence_bin_only is not None:
+        k = torch.where(confidence_bin + 1 != spec.confidence_bin_only, 1, k)  # bin 1 = [0, 0.1)
+    if spec.cal_acc is not None:
+        a, b, threshold = spec.cal_acc
+        k = torch.minimum(k, count(10**a * probs**b >= threshold))
+    if spec.greedy:
+        k = torch.ones_like(k)
+    return k.clamp(min=1, max=vocab)
+
+
+def filter_logits(spec: DecodingSpec, logits: torch.Tensor) -> torch.Tensor:
+    """The formulas, once for every engine: scaled logits [B, V] with everything outside the per-row top K at
+    -inf (K the minimum over the active rules on the same p = softmax(scaled logits); one sort per batch)."""
+    scaled = scale(spec, logits)
+    probs = scaled.softmax(dim=-1)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    k = keep_counts(spec, scaled, probs, probs.gather(-1, order))
+    kth_logit = sorted_logits.gather(-1, (k - 1)[:, None])
+    return scaled.masked_fill(scaled < kth_logit, -math.inf)  # ties with the K-th logit are kept
+
+
+def filter_rows(specs: list[DecodingSpec | None], logits: torch.Tensor) -> torch.Tensor:
+    """`filter_logits` per row with each row's own spec (None = row left as it is); rows sharing a spec are
+    filtered together. What an engine batching requests with different settings (vLLM) applies."""
+    groups: dict[str, list[int]] = {}
+    for row, spec in enumerate(specs):
+        if spec is not None:
+            groups.setdefault(repr(spec), []).append(row)
+    if not groups:
+        return logits
+    logits = logits.clone()
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = filter_logits(specs[rows[0]], logits[index])
+    return logits
+
+
+class CorrectnessFirstProcessor(LogitsProcessor):
+    """HF adapter of `filter_logits`: all of `DecodingSpec`'s rules in one processor (sampling from its output
+    samples from the renormalised kept set)."""
 
     def __init__(self, spec: DecodingSpec) -> None:
         self.spec = spec
 
-    def scale(self, scores: torch.Tensor) -> torch.Tensor:
-        """Rule 1: EDT when set, else the temperature (0 counts as 1 here; rule 12 makes it greedy)."""
-        if self.spec.edt_var is not None:
-            return scores / edt_temperature(scores, *self.spec.edt_var)[:, None]
-        temperature = self.spec.temperature
-        return scores if temperature in (0, 1) else scores / temperature
-
-    def keep_counts(self, scaled: torch.Tensor, probs: torch.Tensor, sorted_probs: torch.Tensor) -> torch.Tensor:
-        """Rules 3-12: the per-row K (long, 1..V)."""
-        spec, vocab = self.spec, scaled.shape[-1]
-        pmax = probs.amax(dim=-1, keepdim=True)
-        k = torch.full((scaled.shape[0],), vocab, dtype=torch.long, device=scaled.device)
-
-        def count(kept: torch.Tensor) -> torch.Tensor:  # K = #{kept}, at least 1
-            return kept.sum(dim=-1).clamp(min=1)
-
-        confidence_bin = (pmax[:, 0] * 10).floor().long().clamp(max=9)  # 0 = [0, 0.1) ... 9 = [0.9, 1]
-        if spec.top_k:
-            k = k.clamp(max=spec.top_k)
-        if spec.dynamic_top_k is not None:
-            table = torch.tensor(spec.dynamic_top_k, dtype=torch.long, device=k.device)
-            k = torch.minimum(k, table[9 - confidence_bin])  # element 0 for pmax in [0.9, 1]
-        if spec.prob_threshold:
-            k = torch.minimum(k, count(probs >= spec.prob_threshold))
-        if spec.min_p:
-            k = torch.minimum(k, count(probs >= spec.min_p * pmax))
-        if spec.top_p < 1:
-            k = torch.minimum(k, (sorted_probs.cumsum(dim=-1) <= spec.top_p).sum(dim=-1) + 1)
-        if spec.hewitt_epsilon:
-            eps = torch.tensor(spec.hewitt_epsilon, device=scaled.device)
-            threshold = torch.minimum(eps, eps.sqrt() * torch.exp(-entropy(scaled)))
-            k = torch.minimum(k, count(probs >= threshold[:, None]))
-        if spec.greedy_threshold:
-            k = torch.where(pmax[:, 0] < spec.greedy_threshold, 1, k)
-        if spec.confidence_bin_only is not None:
-            k = torch.where(confidence_bin + 1 != spec.confidence_bin_only, 1, k)  # bin 1 = [0, 0.1)
-        if spec.cal_acc is not None:
-            a, b, threshold = spec.cal_acc
-            k = torch.minimum(k, count(10**a * probs**b >= threshold))
-        if spec.greedy:
-            k = torch.ones_like(k)
-        return k.clamp(min=1, max=vocab)
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scaled = self.scale(scores)
-        probs = scaled.softmax(dim=-1)
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        k = self.keep_counts(scaled, probs, probs.gather(-1, order))
-        kth_logit = sorted_logits.gather(-1, (k - 1)[:, None])
-        return scaled.masked_fill(scaled < kth_logit, -math.inf)  # ties with the K-th logit are kept
+        return filter_logits(self.spec, scores)
 
 
 def logits_processors(spec: DecodingSpec) -> tuple[dict, LogitsProcessorList]:

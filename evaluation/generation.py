@@ -6,7 +6,9 @@ Validation accuracy, `test`, `predict`, SLOT and the decoding studies all genera
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import (
@@ -21,6 +23,41 @@ from transformers import (
 from core.errors import UserInputError
 from evaluation.decoding import DecodingSpec, logits_processors
 from evaluation.rank_log import RankRecorder
+
+
+@dataclass
+class VllmSettings:
+    """Settings of the vLLM engine (`generation.engine: vllm`); ignored by the HF engine."""
+
+    tensor_parallel_size: int = 1
+    """GPUs the model is split over. Data parallelism: trainer.devices (each process runs its own engine; vLLM's
+    offline engine takes no data_parallel_size)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory vLLM reserves (on vLLM's CPU backend: of host RAM; use ~0.3 there)."""
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens (None = the model's own limit)."""
+    dtype: str = "auto"
+    """Weights and activations: auto (the model's), float32, bfloat16 or float16."""
+    enforce_eager: bool = False
+    """Skip graph capture / compilation (faster start, slower decoding)."""
+    cpu_kv_cache_gib: int = 4
+    """vLLM's CPU backend only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, unless already set)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "cpu_kv_cache_gib"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserInputError(f"generation.vllm.{name} must be an integer >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise UserInputError(
+                f"generation.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise UserInputError(f"generation.vllm.max_model_len must be >= 1 or null, got {self.max_model_len}")
+        if self.dtype not in VLLM_DTYPES:
+            raise UserInputError(f"generation.vllm.dtype must be one of {', '.join(VLLM_DTYPES)}, got {self.dtype}")
+
+
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -41,6 +78,12 @@ class GenerationSpec:
     """Samples per question (> 1 needs sampling, temperature > 0); evaluation then reports maj@k and pass@k."""
     at_k: list[int] = field(default_factory=lambda: [1, 8, 16, 32])
     """The k of maj@k (majority vote over the first k samples) and pass@k (unbiased estimator), k <= repeats."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers' generate; vllm: vLLM (paged attention, continuous batching; `pip install -e '.[vllm]'`),
+    for `test` and `predict` only: SLOT arms and fit's in-loop validation need hf. Same prompt ids, decoding
+    rules, stop strings, scoring and rows; settings in `vllm`."""
+    vllm: VllmSettings = field(default_factory=VllmSettings)
+    """Engine settings of `engine: vllm` (tensor parallelism, memory fraction, max model length, dtype)."""
     seed: int = 0
     """Seed of sampling: each evaluation batch samples from this seed and its question ids (the training random
     stream is left untouched), so with batch size 1 a question's samples do not depend on the process or order
@@ -57,6 +100,17 @@ class GenerationSpec:
             raise UserInputError("generation.repeats > 1 needs sampling: set generation.decoding.temperature > 0")
         if not self.at_k or any(not isinstance(k, int) or k < 1 for k in self.at_k):
             raise UserInputError(f"generation.at_k must list integers >= 1, got {self.at_k}")
+        if self.engine not in ("hf", "vllm"):
+            raise UserInputError(f"generation.engine must be hf or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise UserInputError(
+                "generation.engine=vllm needs vLLM, which is not installed: pip install -e '.[vllm]' (or use hf)"
+            )
+
+    def require_hf(self, where: str) -> None:
+        """One clear error where only the HF engine works (SLOT arms, fit's in-loop validation)."""
+        if self.engine != "hf":
+            raise UserInputError(f"{where} generates with the HF engine only: set generation.engine: hf there")
 
 
 # transformers fills every GenerationConfig field left unset from the model's generation_config.json (Qwen
@@ -68,20 +122,25 @@ def generation_config(
     spec: GenerationSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[GenerationConfig, LogitsProcessorList]:
     """A GenerationConfig decided by `spec` alone, and the logits processors its decoding needs."""
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
-    eos_ids.add(tokenizer.eos_token_id)
     sampling, processors = logits_processors(spec.decoding)
     config = GenerationConfig(
         max_new_tokens=spec.max_new_tokens,
         min_new_tokens=spec.min_new_tokens or None,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=sorted(eos_ids),
+        eos_token_id=eos_token_ids(model, tokenizer),
         stop_strings=spec.stop or None,
         **NOT_INHERITED,
         **sampling,
     )
     return config, processors
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a completion, for every engine: the model's generation config's and the tokenizer's."""
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    eos_ids.add(tokenizer.eos_token_id)
+    return sorted(eos_ids - {None})
 
 
 @torch.no_grad()

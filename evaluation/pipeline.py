@@ -14,10 +14,12 @@ import json
 import torch
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
+from core.errors import UserInputError
 from evaluation.generation import GenerationSpec, generate
 from evaluation.rank_log import RankLogSpec, RankRecorder
 from evaluation.rows import EvaluationRow
 from evaluation.sampling_metrics import majority_vote, question_metrics
+from evaluation.vllm_engine import generate_vllm
 from tasks.planning import PlanningSpec
 from tasks.scoring import score_completion
 
@@ -36,6 +38,19 @@ def evaluate_batch(
     `answer`, `answer_format`, optional `position`). `generation.repeats` = n samples per question give the
     majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample."""
     recorder = RankRecorder(rank_log) if rank_log is not None else None
+    if generation.engine == "vllm":
+        if past_key_values is not None:
+            raise UserInputError("generation.engine=vllm cannot continue from a prefill (SLOT): use hf")
+        seeds = [batch_seed(generation.seed, [question_id]) for question_id in batch["id"]]
+        completions = generate_vllm(
+            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], generation, seeds, recorder
+        )
+    else:
+        completions = _generate_hf(model, tokenizer, batch, generation, recorder, past_key_values)
+    return _rows(batch, completions, generation, planning or PlanningSpec(), recorder, arm)
+
+
+def _generate_hf(model, tokenizer, batch: dict, generation: GenerationSpec, recorder, past_key_values) -> list[str]:
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if not generation.decoding.greedy:
@@ -49,7 +64,13 @@ def evaluate_batch(
             past_key_values=past_key_values,
             rank_recorder=recorder,
         )
-    planning = planning or PlanningSpec()
+    return completions
+
+
+def _rows(
+    batch: dict, completions: list[str], generation: GenerationSpec, planning: PlanningSpec, recorder, arm
+) -> list[EvaluationRow]:
+    """Scored rows of a batch's completions (planning tokens removed first), the same for every engine."""
     n, rows = generation.repeats, []
     positions = batch.get("position") or [0] * len(batch["id"])
     for index, question_id in enumerate(batch["id"]):

@@ -72,7 +72,13 @@ class RankRecorder(LogitsProcessor):
         for row in range(steps.shape[0]):
             end = ends[row].nonzero()
             length = steps.shape[1] if not len(end) else int(end[0]) + int(int(tokens[row, end[0]]) in eos_ids)
-            rank, top1, chosen = steps[row, :length].unbind(-1)
-            self.low_confidence.append(rank[top1 < self.spec.low_confidence].long().tolist())
-            self.low_probability.append(rank[chosen < self.spec.low_probability].long().tolist())
+            low_confidence, low_probability = logged_ranks(self.spec, steps[row, :length])
+            self.low_confidence.append(low_confidence)
+            self.low_probability.append(low_probability)
         self.previous, self.steps = None, []
+
+
+def logged_ranks(spec: RankLogSpec, steps: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The two logs of one sequence from its steps [T, 3] (rank, top-1 prob, chosen prob), for every engine."""
+    rank, top1, chosen = steps.unbind(-1)
+    return rank[top1 < spec.low_confidence].long().tolist(), rank[chosen < spec.low_probability].long().tolist()

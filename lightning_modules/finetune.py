@@ -52,6 +52,7 @@ class CausalLMFineTuner(LightningModule):
             the datamodule writes them into the targets (linked by `cli.py`).
         generation: decoding used for validation / test accuracy and predictions.
             Repeats > 1: n samples per question, majority-vote accuracy, maj@k and pass@k.
+            engine vllm: test / predict only (fit's in-loop validation needs engine hf).
         rank_log: also log the rank of each chosen token at low-confidence steps (samples/*_ranks.jsonl).
         optimizer: optimizer callable over the trainable parameters (default AdamW, lr 2e-4).
         scheduler: learning-rate scheduler callable, stepped every optimizer step.
@@ -100,6 +101,10 @@ class CausalLMFineTuner(LightningModule):
         self.evaluation_rows: list[EvaluationRow] = []
         """The gathered rows of the last validation / test / predict epoch (what the sample files hold)."""
         self.checkpoint_global_step = 0
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.generation.require_hf("fit's in-loop validation (model.generation)")
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -31,7 +31,7 @@ class SLOTEvaluator(LightningModule):
         checkpoint: a fine-tuned model to evaluate instead: an `epoch_N/` export or a Lightning
             checkpoint of `cli.py fit` on `backbone`. None = `backbone` itself.
         arms: the settings compared; each writes `log_times_<iters>_lr_<lr>.jsonl`.
-        generation: decoding after the optimisation (the seed: greedy, 512 new tokens).
+        generation: decoding after the optimisation (the seed: greedy, 512 new tokens); engine hf only.
         format_pattern: a completion (stripped) that fully matches this regex counts as well formatted.
     """
 
@@ -50,6 +50,7 @@ class SLOTEvaluator(LightningModule):
         if not self.arms or len({arm.name for arm in self.arms}) != len(self.arms):
             raise UserInputError("model.arms must list at least one arm, each with different settings")
         self.generation = generation or GenerationSpec(max_new_tokens=512)
+        self.generation.require_hf("SLOT (model.generation)")
         if self.generation.repeats != 1:
             raise UserInputError("model.generation.repeats: SLOT arms generate one completion per question (use 1)")
         self.format_pattern = re.compile(format_pattern, re.DOTALL)
