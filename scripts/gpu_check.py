@@ -313,13 +313,36 @@ def synchronize(ctx: Context) -> None:
 
 
 def vllm_engine(ctx: Context) -> dict:
-    """The vLLM engine (not in the project yet)."""
-    raise Skip("not implemented: the project has no vLLM engine yet")
+    """Greedy `test` with generation.engine vllm equals engine hf on the same questions (needs vllm)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise Skip("vllm is not importable (install the [vllm] extra on the device)")
+    completions = {}
+    for engine in ("hf", "vllm"):
+        ctx.run_cli("test", ["decoding_gsm8k.yaml", "decoding/greedy.yaml"], "--model.init_args.backbone.name",
+                    ctx.model("small"), "--data.test_limit", str(ctx.n(16, 2)), "--data.max_length", "1536",
+                    "--model.init_args.generation.max_new_tokens", str(ctx.n(64, 4)),
+                    "--model.init_args.generation.engine", engine, name=f"engine_{engine}")  # fmt: skip
+        samples = next(path for path in ctx.run_dir(f"engine_{engine}").glob("samples/test_step*.jsonl")
+                       if not path.name.endswith("_ranks.jsonl"))  # fmt: skip
+        completions[engine] = {row["id"]: row["completion"] for row in map(json.loads, samples.open())}
+    same = sum(completions["vllm"][key] == text for key, text in completions["hf"].items())
+    if same < len(completions["hf"]) - 1:
+        raise AssertionError(f"engines agree on {same} of {len(completions['hf'])} questions")
+    return {"questions": len(completions["hf"]), "identical": same}
 
 
 def liger_fused_loss(ctx: Context) -> dict:
-    """A fused linear + cross-entropy loss (liger-kernel; not in the project yet)."""
-    raise Skip("not implemented: the project has no fused-loss path yet")
+    """A short LoRA fit with Liger's fused linear cross-entropy (`model.init_args.loss liger`; needs liger-kernel)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or ctx.dry:
+        raise Skip("liger-kernel is not importable, or no CUDA (dry run)")
+    steps = ctx.n(20, 2)
+    cli = ctx.run_cli("fit", ["planning_gsm8k.yaml"], *fit_args(ctx, "small", steps), "--trainer.precision",
+                      "bf16-true", "--model.init_args.loss", "liger", name="liger")  # fmt: skip
+    return {"steps": cli.trainer.global_step, **metrics_of(cli)}
 
 
 ITEMS = {
