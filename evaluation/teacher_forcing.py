@@ -111,6 +111,16 @@ def response_losses(
     return sums, counts
 
 
+def losses_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_losses` from a full forward's logits [B, T, V] (for models whose head cannot be called on its
+    own, e.g. FSDP2-sharded ones)."""
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    return losses.sum(-1).double(), (targets != -100).sum(-1)
+
+
 def labelled_hidden_states(
     model: PreTrainedModel | PeftModel,
     input_ids: torch.Tensor,

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 
 from core.checkpoint_file import last_finite_checkpoint
 from core.errors import TrainingStopped, UserInputError
@@ -21,7 +22,7 @@ from evaluation.generation import GenerationSpec
 from evaluation.pipeline import evaluate_batch
 from evaluation.rank_log import RankLogSpec
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
-from evaluation.teacher_forcing import response_loss, response_losses
+from evaluation.teacher_forcing import losses_from_logits, response_loss, response_losses
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec, load_model
@@ -152,7 +153,7 @@ class CausalLMFineTuner(LightningModule):
         `position_ids` (one segment per example), which replace the 2D mask."""
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "position_ids") if key in batch}
         tokens = (batch["labels"][:, 1:] != -100).sum()
-        if self.loss == "hf":
+        if self.loss == "hf" or self.device_mesh is not None:  # FSDP2 unshards its root weights in forward only
             if "position_ids" in inputs:  # with no 2D mask and no cache, the model reads the packing from them
                 inputs["attention_mask"] = None
             return self.model(**inputs, use_cache=False).loss, tokens
@@ -161,18 +162,22 @@ class CausalLMFineTuner(LightningModule):
     @torch.no_grad()
     @torch.no_grad()
     def mean_loss(self, batches) -> float:
-        """Token-weighted mean response loss over `batches` (on this module's device), in eval mode: the
-        quantity `val/loss` reports, without generating. The global RNG is left as it was (a DataLoader draws
-        its base seed from it), so a resumed run stays bit-exact."""
-        was_training, total, count = self.model.training, 0.0, 0
-        self.model.eval()
+        """Token-weighted mean response loss over `batches` (on this module's device), dropout off: the
+        quantity `val/loss` reports, without generating. Only the dropout layers switch modes (a whole-model
+        eval()/train() round trip froze QLoRA's adapters), and the global RNG is left as it was (a DataLoader
+        draws its base seed from it), so a resumed run stays bit-exact."""
+        dropouts = [module for module in self.model.modules() if isinstance(module, nn.Dropout) and module.training]
+        total, count = 0.0, 0
+        for module in dropouts:
+            module.eval()
         try:
             with torch.random.fork_rng(devices=[]):
                 for batch in batches:
                     loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
                     total, count = total + loss.item() * tokens.item(), count + tokens.item()
         finally:
-            self.model.train(was_training)
+            for module in dropouts:
+                module.train()
         return total / max(count, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -235,7 +240,11 @@ class CausalLMFineTuner(LightningModule):
 
     def _evaluate(self, batch: dict) -> None:
         """Rows of the batch's questions, each with the teacher-forced loss of its gold response."""
-        loss_sums, tokens = response_losses(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.device_mesh is not None:  # FSDP2: through the model's forward, which gathers its root weights
+            loss_sums, tokens = losses_from_logits(self.model(input_ids=ids, attention_mask=mask).logits, labels)
+        else:
+            loss_sums, tokens = response_losses(self.model, ids, mask, labels)
         rows = self._generate(batch)
         for row, loss_sum, count in zip(rows, loss_sums.tolist(), tokens.tolist(), strict=True):
             row.loss_sum, row.loss_tokens = loss_sum, count

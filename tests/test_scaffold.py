@@ -221,7 +221,7 @@ def test_generated_inspect_evaluation_runs_the_repo_task_file(tiny_llama, tmp_pa
     record = json.loads(dumped.stdout)
     assert record["status"] == "success" and len(record["samples"]) == 2
     assert record["eval"]["task_args"]["system_prompt"] == system_prompt  # exactly: braces, quotes, colon, comma
-    assert record["eval"]["task_args"]["checkpoint"].endswith("epoch_0")  # its planning tokens are removed
+    assert record["eval"]["task_args"]["checkpoint"] == str(tiny_llama)  # the evaluated model: planning tokens read
     first = record["samples"][0]
     assert first["messages"][0] == {**first["messages"][0], "role": "system", "content": system_prompt}
     assert set(first["scores"]["answer_scorer"]["value"]) <= {"C", "I"}

@@ -94,3 +94,18 @@ def test_per_row_response_losses_equal_each_rows_own_labels_loss() -> None:
             loss = model(input_ids=alone, labels=own).loss
         assert counts[row] == len(tokens) - start
         assert sums[row].item() == pytest.approx(loss.item() * (len(tokens) - start), rel=1e-5)
+
+
+def test_losses_from_logits_equal_the_chunked_pass() -> None:
+    """The FSDP fallback (full logits) and the chunked pass give the same per-row losses."""
+    from evaluation.teacher_forcing import losses_from_logits, response_losses
+
+    model = build_tiny_model("llama", 300).eval()
+    ids, mask = padded([[5, 9, 14, 30, 2, 8], [7, 3, 11]], "right")
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :2] = -100
+    with torch.no_grad():
+        from_logits = losses_from_logits(model(input_ids=ids, attention_mask=mask).logits, labels)
+    chunked = response_losses(model, ids, mask, labels)
+    torch.testing.assert_close(from_logits[0], chunked[0], rtol=1e-5, atol=1e-5)
+    assert from_logits[1].tolist() == chunked[1].tolist() == [4, 1]
