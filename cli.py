@@ -318,12 +318,23 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] in (["-h"], ["--help"]) and COMMANDS:
             print_commands()
         build_cli(args)
+        close_process_group()
     except Exception as error:
         ours = our_error(error)
         if ours is None:
             raise
         print(f"error: {ours}", file=sys.stderr)
         sys.exit(2)
+
+
+def close_process_group() -> None:
+    """End a finished multi-process run's process group, so its gloo threads stop before the interpreter exits
+    (otherwise a process can abort at exit: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def our_error(error: BaseException | None) -> ReasoningLabError | None:
