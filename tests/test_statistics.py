@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import binomtest
+from test_cli import run_main
 
-from cli import main
 from evaluation.sampling_metrics import majority_vote, question_metrics
 from evaluation.statistics import (
     BETTER,
@@ -25,14 +25,6 @@ from evaluation.statistics import (
     wilson_interval,
 )
 from evaluation.summaries import arms_summary, arms_table, evaluation_summary, summary_table
-
-
-def run_main(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
