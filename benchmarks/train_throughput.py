@@ -5,7 +5,8 @@ process (so its peak resident memory is its own), with the LoRA init and the dro
   hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
   ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits: ours before issue 13)
   ours-chunked  our fit with `loss: chunked` (the head only at response positions, fp32 chunks)
-  ours-packed   ours-chunked plus `data.packing: true` (each batch's examples packed into rows of max_length)
+  ours-packed   ours-chunked plus `data.packing: true`: each batch's examples in one row, attention computed
+                example by example (models/packed_attention.py), so no padding is computed anywhere
 Real tokens are the non-padding tokens; every arm trains the same ones, so equal losses mean equal training.
 The FLOP figures count the work of a full-logit forward/backward (what the HF arm does) on the tokens.
 

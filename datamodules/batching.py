@@ -116,14 +116,14 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_collate(features: list[dict], pad_id: int, max_length: int) -> dict:
-    """The examples of a batch packed into as few rows of at most `max_length` tokens as fit (`pack_rows`), with
+def pack_collate(features: list[dict], pad_id: int, capacity: int) -> dict:
+    """The examples of a batch packed into as few rows of at most `capacity` tokens as fit (`pack_rows`), with
     `position_ids` restarting at 0 for every example (the model derives from them that no attention crosses
     examples) and no label on an example's first token (nothing in its own example predicts it). Rows are padded
     to the longest row only; padding is its own segment, labelled -100. `attention_mask` marks the real tokens
     (for counting: the model is given the positions instead)."""
     packed = []
-    for row in pack_rows([len(f["input_ids"]) for f in features], max(max_length, 1)):
+    for row in pack_rows([len(f["input_ids"]) for f in features], max(capacity, 1)):
         ids, labels, positions = [], [], []
         for index in row:
             example = features[index]

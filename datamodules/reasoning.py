@@ -60,9 +60,10 @@ class ReasoningDataModule(LightningDataModule):
         train_limit: use only this many training examples (seeded subset without replacement).
         test_limit: evaluate only this many test questions (seeded subset without replacement).
         group_by_length: batch training examples of similar length together (less padding).
-        packing: pack the `batch_size` examples of each training batch into as few rows of `max_length` tokens
+        packing: pack the `batch_size` examples of each training batch into as few rows of `pack_length` tokens
             as fit, each example with its own positions and no attention across examples: the same examples
-            and the same loss per step as without packing, with (almost) no padding computed.
+            and the same loss per step as without packing, with no padding computed (one row) or little.
+        pack_length: tokens per packed row; default `batch_size` x `max_length`: the whole batch in one row.
         seed: seed of every subset and of the shuffling.
         num_workers: DataLoader worker processes.
         tokenizer: the model's tokenizer; `cli.py` links it from the model.
@@ -85,6 +86,7 @@ class ReasoningDataModule(LightningDataModule):
         test_limit: int | None = None,
         group_by_length: bool = True,
         packing: bool = False,
+        pack_length: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -95,8 +97,8 @@ class ReasoningDataModule(LightningDataModule):
         self.task = get_task(task)
         self.answer_format = get_answer_format(answer_format or self.task.answer_format)
         self.prompt = prompt or PromptSpec()
-        for name in ("max_length", "batch_size", "eval_batch_size"):
-            if getattr(self.hparams, name) < 1:
+        for name in ("max_length", "batch_size", "eval_batch_size", "pack_length"):
+            if (getattr(self.hparams, name) or 1) < 1:
                 raise UserInputError(f"data.{name} must be >= 1, got {getattr(self.hparams, name)}")
         self.tokenizer = tokenizer
         self.planning = planning or PlanningSpec()
@@ -268,9 +270,10 @@ class ReasoningDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset, hp = self.splits["train"], self.hparams
         sampler = EpochSeededRandomSampler(dataset, seed=hp.seed)
+        capacity = hp.pack_length or hp.batch_size * hp.max_length
         loader_args = {
             "collate_fn": (
-                partial(pack_collate, pad_id=self.tokenizer.pad_token_id, max_length=hp.max_length)
+                partial(pack_collate, pad_id=self.tokenizer.pad_token_id, capacity=capacity)
                 if hp.packing
                 else self._collate(with_prompts=False)
             ),

@@ -26,6 +26,7 @@ from evaluation.teacher_forcing import losses_from_logits, response_loss, respon
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec, load_model
+from models.packed_attention import use_packed_attention
 from models.sharding import shard_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
 
@@ -119,6 +120,7 @@ class CausalLMFineTuner(LightningModule):
 
         def build(empty: bool = False) -> torch.nn.Module:
             model = load_model(backbone, empty=empty)
+            use_packed_attention(model)  # packed rows: attention example by example; other rows: sdpa as before
             if self.loss == "liger":
                 apply_liger_kernels(model)
             return build_trainable_model(model, self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens)
@@ -159,7 +161,6 @@ class CausalLMFineTuner(LightningModule):
             return self.model(**inputs, use_cache=False).loss, tokens
         return response_loss(self.model, **inputs, fused=self.loss == "liger"), tokens
 
-    @torch.no_grad()
     @torch.no_grad()
     def mean_loss(self, batches) -> float:
         """Token-weighted mean response loss over `batches` (on this module's device), dropout off: the

@@ -10,7 +10,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
 from models.loading import ModelSpec, load_model, load_tokenizer
-from models.vocabulary import add_tokens, prompt_tuning_config, resize_and_initialise, trainable_token_targets
+from models.vocabulary import (
+    add_tokens,
+    prompt_tuning_config,
+    resize_and_initialise,
+    trainable_token_targets,
+    untie_output_embeddings,
+)
 from tasks.planning import PlanningSpec
 
 
@@ -49,7 +55,10 @@ def build_trainable_model(
     model: PreTrainedModel, tokenizer, mode: str, lora: LoraSpec, planning: PlanningSpec, new_tokens: set[str]
 ) -> PreTrainedModel | PeftModel:
     """`model` with room for the planning tokens (rows of `new_tokens` initialised from their key words) and
-    wrapped for `mode`: LoRA adapters and/or PEFT trainable tokens (only the planning rows train)."""
+    wrapped for `mode`: LoRA adapters and/or PEFT trainable tokens (only the planning rows train). With
+    `planning.untie_output` the output rows are a matrix of their own (a tied lm_head is copied first)."""
+    if planning.untie_output and planning.active:
+        untie_output_embeddings(model)
     key_tokens, words = planning.key_tokens(), {key: planning.init_word(key) for key in planning.key_tokens()}
     ids = resize_and_initialise(model, tokenizer, key_tokens, words, new_tokens, planning.init_spread)
     if mode in ("lora", "qlora"):

@@ -69,6 +69,19 @@ def resize_and_initialise(
     return ids
 
 
+def untie_output_embeddings(model: PreTrainedModel) -> None:
+    """Give a model whose lm_head shares the input embedding matrix its own copy of it (the config then says
+    untied, so exports save and reload both); a model already untied is left as it is."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or output.weight is not embedding.weight:
+        return
+    for config in {id(model.config): model.config, id(text := model.config.get_text_config()): text}.values():
+        config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
+    output.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad)
+
+
 def trainable_token_targets(model: PreTrainedModel, ids: list[int]) -> dict[str, list[int]]:
     """PEFT trainable-token targets for `ids`: the input embedding (its tied lm_head follows it), plus the
     lm_head rows when the output embedding is a separate matrix."""

@@ -60,6 +60,10 @@ class PlanningSpec:
     (0.1: 2.5 %, 0: 1 %)."""
     token_lr: float | None = None
     """Learning rate of the new token rows in the prompt-tuning modes (None = the optimizer's)."""
+    untie_output: bool = False
+    """On a model whose lm_head is its input embedding (tied, e.g. SmolLM2), train the planning tokens' output
+    rows apart from their input rows: the lm_head becomes a copy of the embedding matrix (+ vocabulary x hidden
+    weights in memory and in full exports). No effect on an untied model."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -151,3 +151,35 @@ def test_run_summary_shows_loss_before_and_after_layout_share_and_samples(tiny_l
     planning = PlanningSpec(**SPEC, init_spread=1.0)
     assert int(followed) == sum(planning.follows_layout(planning.eval_prefix() + text) for text in completions)
     assert json.loads(open(report).read())["layout_share"] == int(followed) / 4
+
+
+def test_untie_output_trains_the_output_rows_apart_and_exports_round_trip(tiny_llama, tmp_path):
+    """planning.untie_output on a tied model: the lm_head becomes its own copy of the embedding, the new tokens'
+    input and output rows start equal and train apart, the old rows stay the base's, and the full export reloads
+    (untied) with the logits of the trained model."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    embedding = base.get_input_embeddings().weight.detach()
+    planning = PlanningSpec(**SPEC, untie_output=True, init_spread=0.5)
+    module = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="lora+prompt-tuning", planning=planning)
+    module.configure_model()
+    ids = module.tokenizer.convert_tokens_to_ids(planning.tokens())
+    inputs, outputs = rows_of(module, ids)
+    assert torch.equal(inputs, outputs)  # same initialisation for both matrices
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    text = torch.tensor([ids[:5] + [5, 17, 42] + ids[:3] + ids[-2:] + [99, 7]])
+    for _ in range(3):
+        module.model(input_ids=text, labels=text).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    inputs, outputs = rows_of(module, ids)
+    assert not torch.allclose(inputs, outputs)  # trained apart
+    merged = module.model.merge_and_unload()
+    old = torch.ones(merged.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    old[ids] = False
+    for matrix in (merged.get_input_embeddings().weight, merged.get_output_embeddings().weight):
+        assert torch.equal(matrix[old], embedding[: int(old.sum())])
+    merged.save_pretrained(tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert reloaded.get_output_embeddings().weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(text).logits, merged(text).logits)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import types
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from lightning_modules.finetune import CausalLMFineTuner
 from models.head import OutputHead
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec
+from models.packed_attention import PACKED_SDPA, use_packed_attention
 from tests.conftest import build_tiny_model
 
 VOCAB = 512
@@ -116,7 +118,7 @@ def test_pack_rows_is_first_fit_decreasing() -> None:
 
 def test_a_packed_batch_has_per_example_positions_and_no_label_across_examples() -> None:
     rows = features([(2, 3), (0, 3), (3, 1)])  # lengths 5, 3, 4; the second one labelled from its first token
-    batch = pack_collate(rows, pad_id=2, max_length=8)  # 5 -> row 0, 4 -> row 1, 3 -> row 0: [0, 1] and [2]
+    batch = pack_collate(rows, pad_id=2, capacity=8)  # 5 -> row 0, 4 -> row 1, 3 -> row 0: [0, 1] and [2]
     assert batch["input_ids"].tolist() == [rows[0]["input_ids"] + rows[1]["input_ids"], rows[2]["input_ids"] + [2] * 4]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
     assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 4 + [0] * 4]
@@ -134,16 +136,33 @@ def test_a_packed_batch_has_per_example_positions_and_no_label_across_examples()
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 @pytest.mark.parametrize("loss", ["chunked", "hf"])
-def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_llama, kind: str, loss: str) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", PACKED_SDPA])
+def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_llama, kind: str, loss: str, attention: str) -> None:
+    """Transformers' sdpa (a block-diagonal mask over each row) and ours (example by example) both give the
+    unpacked loss and gradients; ours runs attention only over each example's own tokens."""
     model = tiny(kind, "lora")
     rows = features([(4, 6), (1, 3), (6, 2), (2, 9), (3, 3)], seed=4)
-    packed = pack_collate(rows, pad_id=2, max_length=20)
+    packed = pack_collate(rows, pad_id=2, capacity=20)
     assert len(packed["input_ids"]) < len(rows)  # several examples share a row
     module = fine_tuner(tiny_llama, model, loss)
     expected = loss_and_grads(model, lambda: model(**collate(rows, pad_id=2)).loss)  # unpacked, HF's own loss
-    actual = loss_and_grads(model, lambda: module._loss(packed)[0])
+    if attention == PACKED_SDPA:
+        use_packed_attention(model.get_base_model())
+    lengths: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    with patch.object(F, "scaled_dot_product_attention", recording):
+        actual = loss_and_grads(model, lambda: module._loss(packed)[0])
     assert_same(expected, actual)
     assert int(module._loss(packed)[1]) == sum(len(r["labels"]) - r["labels"].count(-100) for r in rows)
+    if attention == PACKED_SDPA and kind == "llama":  # (tiny gemma2 runs eager attention: not switched)
+        width, real = packed["input_ids"].shape[1], packed["attention_mask"].sum(1).tolist()
+        segments = [len(r["input_ids"]) for r in rows] + [width - n for n in real if n < width]  # padding: its own
+        assert sorted(lengths) == sorted(segments * model.config.num_hidden_layers)
 
 
 def test_loss_switch_hf_runs_the_head_over_every_position(tiny_llama) -> None:
