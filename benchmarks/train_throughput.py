@@ -1,7 +1,8 @@
 """LoRA fine-tuning cost: our Lightning fit vs HF Trainer + PEFT: real tokens/s, peak memory, final loss.
 
 Four arms train the same model on the same batches (the same examples, in the same order), each in its own
-process (so its peak resident memory is its own), with the LoRA init and the dropout RNG seeded alike:
+process (so its peak resident memory is its own), with the LoRA init seeded alike and PEFT's default LoRA
+dropout (0):
   hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
   ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits: ours before issue 13)
   ours-chunked  our fit with `loss: chunked` (the head only at response positions, fp32 chunks)
@@ -45,6 +46,9 @@ from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
 LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate
+# PEFT's default LoraConfig dropout (0): with dropout, a packed row draws other masks than padded rows, so the
+# arms would train on different noise and their losses could not be compared.
+LORA = LoraSpec(dropout=0.0)
 ARMS = ("hf-trainer", "ours-hf-loss", "ours-chunked", "ours-packed")
 FORMULA = (
     "useful FLOPs = (4 N_frozen + 6 N_lora) * tokens + 12 n_layers hidden * sum(seq_len^2) over the real tokens\n"
@@ -195,7 +199,7 @@ def datamodule(args: argparse.Namespace, tokenizer, packing: bool = False) -> Re
 def run_ours(args: argparse.Namespace, loss: str, packing: bool) -> tuple[StepTimer, dict]:
     """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer."""
     L.seed_everything(args.seed, verbose=False)
-    module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LoraSpec(), loss=loss)
+    module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LORA, loss=loss)
     timer = StepTimer(args.warmup_steps)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -229,7 +233,7 @@ def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
 
     model = load_model(spec)
     torch.manual_seed(args.seed)  # as LightningTimer.setup: the same LoRA init
-    model = get_peft_model(model, LoraSpec().to_config())
+    model = get_peft_model(model, LORA.to_config())
     with tempfile.TemporaryDirectory() as output_dir:
         hf_args = TrainingArguments(  # defaults kept: no evaluation, 0 dataloader workers, weight decay 0
             output_dir=output_dir,

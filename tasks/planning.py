@@ -134,18 +134,28 @@ class PlanningSpec:
 
     def follows_layout(self, text: str) -> bool:
         """Whether `text` (a planned solution, the evaluation prefix included) has the trained layout: one or more
-        steps, each its planning tokens then text without planning tokens, then the answer line."""
+        steps, each its planning tokens then text without planning tokens, then the answer line. Checked line by
+        line (linear time: a whole-text pattern backtracked for minutes on long degenerate generations)."""
         tokens = self.key_tokens()
         if not tokens:
             return False
         prefix = re.escape("".join(tokens.get("prefix", [])))
         types = "|".join(re.escape("".join(t)) for key, t in tokens.items() if key not in ("prefix", "answer"))
-        plan = prefix + (f"(?:{types})+" if types else "")
-        answer = prefix + re.escape("".join(tokens.get("answer", [])))
-        plain = "(?:(?!" + "|".join(re.escape(token) for token in self.tokens()) + ")[^\\n])"
-        step = f"{plan}[ \\t]*{plain}*\\S{plain}*\\n"
-        answer_line = f"{answer}{re.escape(ANSWER_LINE.format(answer=''))}[ \\t]*\\S{plain}*\\s*"
-        return re.fullmatch(f"(?:{step})+{answer_line}", text) is not None
+        step = re.compile(prefix + (f"(?:{types})+" if types else "") + "(?P<text>.*)")
+        answer = re.compile(
+            prefix + re.escape("".join(tokens.get("answer", [])) + ANSWER_LINE.format(answer="")) + "(?P<text>.*)"
+        )
+        lines = text.rstrip().split("\n")
+
+        def plain(match: re.Match | None) -> bool:
+            rest = match.group("text") if match else ""
+            return bool(rest.strip()) and not any(token in rest for token in self.tokens())
+
+        return (
+            len(lines) > 1
+            and all(plain(step.fullmatch(line)) for line in lines[:-1])
+            and plain(answer.fullmatch(lines[-1]))
+        )
 
     def remove_tokens(self, text: str) -> str:
         """`text` without planning tokens (what answer extraction reads)."""

@@ -126,6 +126,9 @@ def test_layout_check_accepts_the_trained_layout_only(n_special):
     ]
     if n_special:
         bad.append(good.replace(plus, ""))  # a step without its type tokens
+    # a long degenerate generation (what a 1-token-per-key run produced): the old whole-text pattern backtracked
+    # exponentially in the number of lines on it and froze fit's validation
+    bad.append(f"{prefix}{plus} 15% of $80 = $1.50 * 1.50 = $2.25\n" * 40)
     for text in bad:
         assert not planning.follows_layout(text), text
     assert not PlanningSpec().follows_layout(good)  # no planning tokens: no layout
