@@ -98,7 +98,7 @@ class ReasoningDataModule(LightningDataModule):
         self.answer_format = get_answer_format(answer_format or self.task.answer_format)
         self.prompt = prompt or PromptSpec()
         for name in ("max_length", "batch_size", "eval_batch_size", "pack_length"):
-            if (getattr(self.hparams, name) or 1) < 1:
+            if getattr(self.hparams, name) is not None and getattr(self.hparams, name) < 1:
                 raise UserInputError(f"data.{name} must be >= 1, got {getattr(self.hparams, name)}")
         self.tokenizer = tokenizer
         self.planning = planning or PlanningSpec()

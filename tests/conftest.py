@@ -45,3 +45,21 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def readme_main_job(tmp_path_factory) -> tuple[Path, str]:
+    """README command 1 exactly as written (LoRA + planning tokens, the CPU demo preset), run once per session:
+    its run directory and what it printed. Tests that read it must not change its files."""
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("bash scripts/setup.sh && "))
+    arguments = command.split(".venv/bin/python cli.py ", 1)[1].split()
+    save_dir = tmp_path_factory.mktemp("readme-main-job")
+    extra = ["--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *arguments, *extra], capture_output=True,
+                            text=True, cwd=REPO, timeout=1800)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return save_dir / "planning_gsm8k/version_0", result.stdout

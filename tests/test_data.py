@@ -114,6 +114,8 @@ def test_too_long_prompt_and_bad_sizes_are_errors(tiny_tokenizer):
         dm.setup("test")
     with pytest.raises(UserInputError, match="batch_size"):
         make_datamodule(tiny_tokenizer, batch_size=0)
+    with pytest.raises(UserInputError, match="pack_length"):
+        make_datamodule(tiny_tokenizer, pack_length=0)
 
 
 def test_length_grouped_batches_cover_everything_once_with_less_padding():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -13,47 +14,46 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.loader import read_planning
+
 REPO = Path(__file__).resolve().parents[1]
+MIN_LAYOUT = 5  # of the 8 validation completions
+MAX_REPEAT = 8  # tokens
 
 
 @pytest.mark.slow
-def test_readme_main_job_on_the_embedded_model(tmp_path):
-    """The README's main job (LoRA + planning tokens), shortened to a few steps: fit, validate, checkpoint, export."""
-    command = [
-        sys.executable, str(REPO / "cli.py"), "fit",
-        "--config", str(REPO / "configs/planning_gsm8k.yaml"),
-        "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
-        "--data.train_limit", "8", "--data.val_size", "2", "--data.max_length", "256",
-        "--model.init_args.generation.max_new_tokens", "24",
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "planning_gsm8k/version_0"
-    assert f"Run directory:  {run}" in result.stdout and "epoch export:" in result.stdout
-    # the end-of-fit summary: loss before -> after, the planning layout share, where the samples are
-    assert re.search(r"validation loss:  [\d.]+ at step 0 -> [\d.]+ at step 2", result.stdout)
-    assert re.search(r"planning layout:  \d/2 validation completions follow it", result.stdout)
-    assert f"val samples:      {run / 'samples/val_step2.jsonl'}" in result.stdout
+def test_readme_main_job_on_the_embedded_model(readme_main_job):
+    """README command 1 as written: the model it ends with writes planned solutions (planning tokens, step text,
+    the answer line) on most validation questions, never one token over and over; the summary says so, and the
+    checkpoint and export are there."""
+    run, stdout = readme_main_job
+    assert f"Run directory:  {run}" in stdout and "epoch export:" in stdout
+    start, end = map(float, re.search(r"validation loss:  ([\d.]+) at step 0 -> ([\d.]+) at step 32", stdout).groups())
+    assert end < start - 0.2  # training lowered the held-out loss
+    samples = run / "samples/val_step32.jsonl"
+    assert f"val samples:      {samples}" in stdout
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    info = json.loads((run / "epoch_0/training_info.json").read_text())
+    assert info["global_step"] == 32 and info["prompt"]["style"] == "chat" and info["mode"] == "lora+prompt-tuning"
+    planning = read_planning(run / "epoch_0")
+    followed = [planning.follows_layout(planning.eval_prefix() + row["completion"]) for row in rows]
+    assert len(rows) == 8 and sum(followed) >= MIN_LAYOUT, [row["completion"] for row in rows]
+    assert re.search(rf"planning layout:  {sum(followed)}/8 validation completions follow it", stdout)
+    tokenizer = AutoTokenizer.from_pretrained(run / "epoch_0")
+    for row in rows:  # no single token repeated more than a handful of times in a row
+        ids = tokenizer(row["completion"], add_special_tokens=False).input_ids
+        assert max(len(list(run_)) for _, run_ in itertools.groupby(ids)) <= MAX_REPEAT, row["completion"]
 
-    losses = [json.loads(line) for line in (run / "samples/val_step2.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(row["completion"] for row in losses)
-
-    export = run / "epoch_0"
-    info = json.loads((export / "training_info.json").read_text())
-    assert info["global_step"] == 2 and info["prompt"]["style"] == "chat"
-    assert info["mode"] == "lora+prompt-tuning" and info["planning"]["tokens"]["prefix"][0] == "<prefix_0>"
-    report = json.loads((run / "planning/val_step2.json").read_text())
-    assert report["per_question"]["prefix"]["gold"] > 1 and "assignment" in report["per_question"]
-    model = AutoModelForCausalLM.from_pretrained(export).eval()
-    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(run / "epoch_0").eval()
     assert tokenizer.chat_template and model.config.model_type == "llama"
+    prefix = planning.eval_prefix()
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=False
     )
-    prompt = tokenizer(text + "<prefix_0><prefix_1><prefix_2>", add_special_tokens=False).input_ids
-    assert prompt[-3:] == tokenizer.convert_tokens_to_ids(["<prefix_0>", "<prefix_1>", "<prefix_2>"])
+    prompt = tokenizer(text + prefix, add_special_tokens=False).input_ids
+    assert prompt[-len(planning.key_tokens()["prefix"]) :] == tokenizer.convert_tokens_to_ids(
+        planning.key_tokens()["prefix"]
+    )
     assert prompt[-1] < model.get_input_embeddings().weight.shape[0]  # the added rows are in the export
     with torch.no_grad():
         output = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)

@@ -224,6 +224,7 @@ def test_memory_reason_config_fits_on_the_fixture(tiny_llama, tmp_path):
         "--model.init_args.backbone.name", str(tiny_llama), "--data.max_length", "1024",
         "--model.init_args.generation.max_new_tokens", "8", "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--data.test_limit", "3",
+        "--model.init_args.planning.n_prefix", "2", "--model.init_args.planning.n_special", "4",  # the config's own
     ]  # fmt: skip
     assert run_main(["fit", *args]) == 0
     run = tmp_path / "memory_reason_strategyqa/version_0"
@@ -261,6 +262,7 @@ def test_aqua_config_with_vae_types_fits_and_tests_from_its_checkpoint(tiny_llam
         "--model.init_args.backbone.name", str(tiny_llama), "--data.train_path", str(REPO / "data/aqua/test.jsonl"),
         "--data.train_limit", "8", "--data.val_size", "2", "--data.test_limit", "2", "--data.max_length", "2048",
         "--model.init_args.planning.num_types", "3", "--model.init_args.planning.vae_epochs", "2",
+        "--model.init_args.planning.n_special", "2",  # the config's own (the CPU preset trains one per type)
         "--model.init_args.generation.max_new_tokens", "8", "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
