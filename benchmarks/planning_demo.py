@@ -31,99 +31,39 @@ from transformers import AutoTokenizer  # noqa: E402
 from core.io import write_json_atomic  # noqa: E402
 
 PLANNING = "--model.init_args.planning."
-# Arm -> overrides of command 1. "default" is whatever configs/planning_gsm8k.yaml + cpu_demo.yaml say now.
+LR = "--model.init_args.optimizer.init_args.lr"
+# The paper's settings on top of the preset: LoRA 2e-4, 3 prefix + 2 type tokens, token rows at the same rate.
+PAPER = [LR, "2e-4", PLANNING + "n_prefix", "3", PLANNING + "n_special", "2", PLANNING + "token_lr", "2e-4"]
+ONE_TOKEN_PER_KEY = [PLANNING + "n_prefix", "1", PLANNING + "n_special", "1"]
+UNTIED = [PLANNING + "untie_output", "true"]
+LORA_COT = ["--config", "configs/planning_modes/lora_cot.yaml"]
+# Arm -> overrides of command 1 ("default": configs/planning_gsm8k.yaml + configs/presets/cpu_demo.yaml as they are:
+# LoRA 1e-3, one token per key, token rows 2e-3, tied).
 ARMS = {
+    "paper": PAPER,
+    "spread": [*PAPER, PLANNING + "init_spread", "0.1"],
+    "token_lr": [*PAPER, PLANNING + "token_lr", "2e-3"],
+    "spread+token_lr": [*PAPER, PLANNING + "init_spread", "0.1", PLANNING + "token_lr", "2e-3"],
+    "untied+token_lr": [*PAPER, *UNTIED, PLANNING + "token_lr", "2e-3"],
+    "untied+spread+token_lr": [*PAPER, *UNTIED, PLANNING + "init_spread", "0.5", PLANNING + "token_lr", "2e-3"],
+    "untied+one_token_per_key": [*PAPER, *UNTIED, *ONE_TOKEN_PER_KEY, PLANNING + "token_lr", "2e-3"],
+    "lr1e-3+untied+spread": [
+        PLANNING + "n_prefix",
+        "3",
+        PLANNING + "n_special",
+        "2",
+        *UNTIED,
+        PLANNING + "init_spread",
+        "0.5",
+    ],
+    "lr1e-3+untied": UNTIED,
     "default": [],
-    "paper": [PLANNING + "init_spread", "0"],
-    "spread": [PLANNING + "init_spread", "0.1"],
-    "token_lr": [PLANNING + "init_spread", "0", PLANNING + "token_lr", "2e-3"],
-    "spread+token_lr": [PLANNING + "init_spread", "0.1", PLANNING + "token_lr", "2e-3"],
-    "untied+token_lr": [
-        PLANNING + "untie_output",
-        "true",
-        PLANNING + "init_spread",
-        "0",
-        PLANNING + "token_lr",
-        "2e-3",
-    ],
-    "untied+spread+token_lr": [
-        PLANNING + "untie_output",
-        "true",
-        PLANNING + "init_spread",
-        "0.5",
-        PLANNING + "token_lr",
-        "2e-3",
-    ],
-    "untied+one_token_per_key": [
-        PLANNING + "untie_output",
-        "true",
-        PLANNING + "n_prefix",
-        "1",
-        PLANNING + "n_special",
-        "1",
-        PLANNING + "token_lr",
-        "2e-3",
-    ],
-    "untied+one_token_per_key+lr1e-3": [
-        PLANNING + "untie_output",
-        "true",
-        PLANNING + "n_prefix",
-        "1",
-        PLANNING + "n_special",
-        "1",
-        PLANNING + "token_lr",
-        "2e-3",
-        "--model.init_args.optimizer.init_args.lr",
-        "1e-3",
-    ],
-    "untied+spread+token_lr+lr1e-3": [
-        PLANNING + "untie_output",
-        "true",
-        PLANNING + "init_spread",
-        "0.5",
-        PLANNING + "token_lr",
-        "2e-3",
-        "--model.init_args.optimizer.init_args.lr",
-        "1e-3",
-    ],
-    "tied+one_token_per_key+lr1e-3": [
-        PLANNING + "n_prefix",
-        "1",
-        PLANNING + "n_special",
-        "1",
-        PLANNING + "token_lr",
-        "2e-3",
-        "--model.init_args.optimizer.init_args.lr",
-        "1e-3",
-    ],
-    "tied+one_token_per_key+lr2e-3": [
-        PLANNING + "n_prefix",
-        "1",
-        PLANNING + "n_special",
-        "1",
-        PLANNING + "token_lr",
-        "5e-3",
-        "--model.init_args.optimizer.init_args.lr",
-        "2e-3",
-    ],
-    "lora_cot+lr1e-3": [
-        "--config",
-        "configs/planning_modes/lora_cot.yaml",
-        "--model.init_args.optimizer.init_args.lr",
-        "1e-3",
-    ],
-    "spread+token_lr+attention": [
-        PLANNING + "init_spread",
-        "0.1",
-        PLANNING + "token_lr",
-        "2e-3",
-        "--model.init_args.lora.target_modules",
-        "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-    ],
-    "lora_cot": ["--config", "configs/planning_modes/lora_cot.yaml"],
+    "lr2e-3": [LR, "2e-3", PLANNING + "token_lr", "5e-3"],
+    "lora_cot_paper_rate": [*LORA_COT, LR, "2e-4"],
+    "lora_cot": LORA_COT,
 }
 LOSS_LINE = re.compile(r"validation loss:\s+([\d.]+) at step (\d+) -> ([\d.]+) at step (\d+)")
-COT_LAYOUT = re.compile(r"(?:[^\n]*\S[^\n]*\n)+The answer is[ \t]*\S[^\n]*\s*")
+COT_LAYOUT = re.compile(r"(?:[^\n]*\S[^\n]*\n)+#### *\S[^\n]*\s*")  # plain CoT targets: GSM8K's own "#### N" line
 
 
 def longest_repeat(token_ids: list[int]) -> int:

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.loader import read_planning
 
 REPO = Path(__file__).resolve().parents[1]
-MIN_LAYOUT = 5  # of the 8 validation completions
+MIN_LAYOUT = 4  # of the 8 validation completions (5 measured here; one of margin for another CPU's rounding)
 MAX_REPEAT = 8  # tokens
 
 
