@@ -4,6 +4,8 @@ Four arms train the same model on the same batches (the same examples, in the sa
 process (so its peak resident memory is its own), with the LoRA init seeded alike and PEFT's default LoRA
 dropout (0):
   hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
+  hf-trainer-freeing  the same with glibc's mmap threshold fixed (`core.memory.return_freed_memory`, which
+                our cli.py and our arms set at startup): how much of a memory gap is the allocator's
   ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits: ours before issue 13)
   ours-chunked  our fit with `loss: chunked` (the head only at response positions, fp32 chunks)
   ours-packed   ours-chunked plus `data.packing: true`: each batch's examples in one row, attention computed
@@ -38,6 +40,7 @@ from peft import get_peft_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from core.memory import return_freed_memory  # noqa: E402
 from datamodules.batching import EpochSeededRandomSampler, collate  # noqa: E402
 from datamodules.reasoning import ReasoningDataModule  # noqa: E402
 from lightning_modules.finetune import CausalLMFineTuner  # noqa: E402
@@ -49,7 +52,7 @@ LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate
 # PEFT's default LoraConfig dropout (0): with dropout, a packed row draws other masks than padded rows, so the
 # arms would train on different noise and their losses could not be compared.
 LORA = LoraSpec(dropout=0.0)
-ARMS = ("hf-trainer", "ours-hf-loss", "ours-chunked", "ours-packed")
+ARMS = ("hf-trainer", "hf-trainer-freeing", "ours-hf-loss", "ours-chunked", "ours-packed")
 FORMULA = (
     "useful FLOPs = (4 N_frozen + 6 N_lora) * tokens + 12 n_layers hidden * sum(seq_len^2) over the real tokens\n"
     "and lengths: the work of a full-logit step (N_frozen: frozen Linear weights incl. lm_head, forward 2N +\n"
@@ -197,7 +200,9 @@ def datamodule(args: argparse.Namespace, tokenizer, packing: bool = False) -> Re
 
 
 def run_ours(args: argparse.Namespace, loss: str, packing: bool) -> tuple[StepTimer, dict]:
-    """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer."""
+    """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer, with the allocator
+    setting cli.py makes at startup."""
+    return_freed_memory()
     L.seed_everything(args.seed, verbose=False)
     module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LORA, loss=loss)
     timer = StepTimer(args.warmup_steps)
@@ -265,7 +270,9 @@ def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
 
 def run_arm(args: argparse.Namespace) -> dict:
     """One arm in this process: its figures, and this process's peak resident memory."""
-    if args.arm == "hf-trainer":
+    if args.arm.startswith("hf-trainer"):
+        if args.arm == "hf-trainer-freeing":
+            return_freed_memory()
         timer, terms = run_hf(args)
     else:
         loss = "hf" if args.arm == "ours-hf-loss" else "chunked"
@@ -325,13 +332,13 @@ def print_report(results: dict) -> None:
     columns = ["steps", "real tok", "padded", "pad %", "seconds", "real tok/s", "vs HF", "median vs HF"]
     columns += ["peak MB", "vs HF", "final loss", "|diff| HF"]
     print(f"\nfp32 matmul peak: {results['matmul_peak_flops'] / 1e9:.1f} GFLOP/s\n{FORMULA}\n")
-    print(f"{'arm':<13}" + "".join(f"{name:>13}" for name in columns))
+    print(f"{'arm':<19}" + "".join(f"{name:>13}" for name in columns))
     for name, a in results["arms"].items():
         cells = [a["timed_steps"], a["real_tokens"], a["padded_tokens"], f"{a['padding_fraction']:.1%}"]
         cells += [f"{a['seconds']:.2f}", f"{a['real_tokens_per_s']:.1f}", f"{a['ratio_vs_hf']:.2f}x"]
         cells += [f"{a['median_ratio_vs_hf']:.2f}x", f"{a['peak_rss_mb']:.0f}", f"{a['memory_ratio_vs_hf']:.2f}x"]
         cells += [f"{a['final_loss']:.6f}", f"{a['final_loss_diff_vs_hf']:.1e}"]
-        print(f"{name:<13}" + "".join(f"{cell:>13}" for cell in cells))
+        print(f"{name:<19}" + "".join(f"{cell:>13}" for cell in cells))
     print(f"\nevery arm trained the same examples in the same order: {results['same_examples']}")
     if results["noisy"]:
         print("WARNING: step times varied (another process on the CPU?): trust the median columns more")
