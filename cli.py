@@ -35,7 +35,6 @@ from core.checkpoint_file import read_checkpoint
 from core.config_errors import one_line
 from core.errors import ReasoningLabError, UserInputError
 from core.io import check_output_folder, missing_folders, remove_unused_run
-from core.memory import return_freed_memory
 from datamodules.reasoning import ReasoningDataModule
 from tasks.planning import PlanningSpec
 
@@ -311,7 +310,6 @@ def print_commands() -> None:
 
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return_freed_memory()
     argv = sys.argv[1:] if args is None else args
     try:
         if argv and argv[0] in COMMANDS:

@@ -4,8 +4,8 @@ Four arms train the same model on the same batches (the same examples, in the sa
 process (so its peak resident memory is its own), with the LoRA init seeded alike and PEFT's default LoRA
 dropout (0):
   hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
-  hf-trainer-freeing  the same with glibc's mmap threshold fixed (`core.memory.return_freed_memory`, which
-                our cli.py and our arms set at startup): how much of a memory gap is the allocator's
+  hf-trainer-freeing  the same with glibc's mmap threshold fixed (`return_freed_memory`): how much of a peak
+                is freed memory the allocator kept (a setting that costs generation-heavy runs ~1.9x time)
   ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits: ours before issue 13)
   ours-chunked  our fit with `loss: chunked` (the head only at response positions, fp32 chunks)
   ours-packed   ours-chunked plus `data.packing: true`: each batch's examples in one row, attention computed
@@ -19,6 +19,8 @@ Run from the repository root:  python benchmarks/train_throughput.py [--quick]
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -40,7 +42,6 @@ from peft import get_peft_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from core.memory import return_freed_memory  # noqa: E402
 from datamodules.batching import EpochSeededRandomSampler, collate  # noqa: E402
 from datamodules.reasoning import ReasoningDataModule  # noqa: E402
 from lightning_modules.finetune import CausalLMFineTuner  # noqa: E402
@@ -58,6 +59,25 @@ FORMULA = (
     "and lengths: the work of a full-logit step (N_frozen: frozen Linear weights incl. lm_head, forward 2N +\n"
     "input-grad 2N; N_lora: adapters, 6N); an arm that skips work (prompt logits, padding) shows a higher rate."
 )
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial threshold, kept fixed
+
+
+def return_freed_memory() -> bool:
+    """Serve every allocation of 128 KiB or more (tensors) with its own mapping, unmapped when freed. glibc
+    otherwise raises its mmap threshold after the first large frees, and later activations then come from a heap
+    that does not shrink: a CPU training step peaked ~25 % above its live tensors (HF Trainer too). Returns
+    whether the setting took effect (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 class StepTimer:
@@ -200,9 +220,7 @@ def datamodule(args: argparse.Namespace, tokenizer, packing: bool = False) -> Re
 
 
 def run_ours(args: argparse.Namespace, loss: str, packing: bool) -> tuple[StepTimer, dict]:
-    """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer, with the allocator
-    setting cli.py makes at startup."""
-    return_freed_memory()
+    """Our fit: CausalLMFineTuner (mode lora) + ReasoningDataModule under lightning.Trainer."""
     L.seed_everything(args.seed, verbose=False)
     module = CausalLMFineTuner(backbone=ModelSpec(name=args.model), mode="lora", lora=LORA, loss=loss)
     timer = StepTimer(args.warmup_steps)

@@ -15,7 +15,6 @@ from peft import LoraConfig, get_peft_model
 
 from cli import build_cli
 from core.errors import UserInputError
-from core.memory import return_freed_memory
 from datamodules.batching import collate, pack_collate, pack_rows
 from evaluation.teacher_forcing import response_loss
 from lightning_modules.finetune import CausalLMFineTuner
@@ -274,10 +273,3 @@ def test_the_loss_and_packing_switches_are_config_keys(capsys) -> None:
         build_cli(args)
     out = capsys.readouterr().out
     assert "loss: chunked" in out and "packing: false" in out  # the defaults
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_the_allocator_setting_takes_effect_on_linux() -> None:
-    """glibc accepts the fixed mmap threshold (its effect on peak memory is measured by
-    benchmarks/train_throughput.py: HF Trainer with and without it, in the same run)."""
-    assert return_freed_memory() is True
