@@ -44,6 +44,19 @@ def slurm_environment(bin_dir: Path) -> dict[str, str]:
     return environment
 
 
+def assert_restart_resumes_exactly(command: list[str], bin_dir: Path, straight: Path, slurm: Path) -> None:
+    """The requeued job (the same command) resumes from the hpc checkpoint and ends with the uninterrupted run's
+    trainable weights, bit for bit."""
+    restart = subprocess.run(command, env=slurm_environment(bin_dir), capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
+    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
+    actual = trainable_state(run_dir(slurm) / "checkpoints/last.ckpt")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactly(tiny_llama, tmp_path):
     straight, slurm = tmp_path / "straight", tmp_path / "slurm"
@@ -73,14 +86,7 @@ def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_restart_resumes_exactl
     assert 2 <= saved_at < 8
 
     # The requeued job runs the same command; Lightning resumes from the hpc checkpoint by itself.
-    restart = subprocess.run(command, env=slurm_environment(bin_dir), capture_output=True, text=True, timeout=300)
-    assert restart.returncode == 0, restart.stderr[-3000:]
-    assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
-    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
-    actual = trainable_state(run_dir(slurm) / "checkpoints/last.ckpt")
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    assert_restart_resumes_exactly(command, bin_dir, straight, slurm)
 
 
 @pytest.mark.slow
@@ -116,14 +122,7 @@ def test_sigusr1_during_validation_saves_at_a_validation_batch_and_the_restart_r
     scored = sorted(path.name for path in (run_dir(slurm) / "dynamics/checkpoints").glob("*.json"))
     assert scored == ["base_model.json"]  # the hpc save scored nothing
 
-    restart = subprocess.run(command, env=slurm_environment(bin_dir), capture_output=True, text=True, timeout=300)
-    assert restart.returncode == 0, restart.stderr[-3000:]
-    assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
-    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
-    actual = trainable_state(run_dir(slurm) / "checkpoints/last.ckpt")
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    assert_restart_resumes_exactly(command, bin_dir, straight, slurm)
 
 
 @pytest.mark.slow
