@@ -43,6 +43,17 @@ def build(folder, **settings) -> tuple[CausalLMFineTuner, PlanningSpec, list[int
     return module, planning, module.tokenizer.convert_tokens_to_ids(planning.tokens())
 
 
+def train_on_planning_text(module: CausalLMFineTuner, ids: list[int], lr: float, steps: int) -> torch.Tensor:
+    """A few AdamW steps on one text made of planning tokens and ordinary ones; returns the text."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    text = torch.tensor([ids[:5] + [5, 17, 42] + ids[:3] + ids[-2:] + [99, 7]])
+    for _ in range(steps):
+        module.model(input_ids=text, labels=text).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return text
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_distinct_initial_rows_stay_distinct_and_only_the_new_rows_train(kind, tiny_llama, tiny_qwen2):
     """Tied Llama and untied Qwen2: every key's first token starts at its word's row, the others at a perturbation
@@ -69,12 +80,7 @@ def test_distinct_initial_rows_stay_distinct_and_only_the_new_rows_train(kind, t
         paper = rows_of(build(folder, init_spread=0.0)[0], ids)[0]
         assert min_distance_within_keys(paper, planning) == 0  # the paper's init: copies of the word's row
 
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    text = torch.tensor([ids[:5] + [5, 17, 42] + ids[:3] + ids[-2:] + [99, 7]])
-    for _ in range(5):
-        module.model(input_ids=text, labels=text).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_on_planning_text(module, ids, lr=1e-3, steps=5)
     trained = rows_of(module, ids)
     for before, after in zip(start, trained, strict=True):
         assert not torch.equal(before, after)
@@ -168,12 +174,7 @@ def test_untie_output_trains_the_output_rows_apart_and_exports_round_trip(tiny_l
     ids = module.tokenizer.convert_tokens_to_ids(planning.tokens())
     inputs, outputs = rows_of(module, ids)
     assert torch.equal(inputs, outputs)  # same initialisation for both matrices
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    text = torch.tensor([ids[:5] + [5, 17, 42] + ids[:3] + ids[-2:] + [99, 7]])
-    for _ in range(3):
-        module.model(input_ids=text, labels=text).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    text = train_on_planning_text(module, ids, lr=1e-2, steps=3)
     inputs, outputs = rows_of(module, ids)
     assert not torch.allclose(inputs, outputs)  # trained apart
     merged = module.model.merge_and_unload()
