@@ -1,15 +1,17 @@
 """LoRA fine-tuning cost: our Lightning fit vs HF Trainer + PEFT: real tokens/s, peak memory, final loss.
 
-Four arms train the same model on the same batches (the same examples, in the same order), each in its own
-process (so its peak resident memory is its own), with the LoRA init seeded alike and PEFT's default LoRA
-dropout (0):
-  hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping
-  hf-trainer-freeing  the same with glibc's mmap threshold fixed (`return_freed_memory`): how much of a peak
-                is freed memory the allocator kept (a setting that costs generation-heavy runs ~1.9x time)
-  ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits: ours before issue 13)
+The arms train the same model on the same batches (the same examples, in the same order), each in its own process
+(so its peak resident memory is its own), with the LoRA init seeded alike and PEFT's default LoRA dropout (0):
+  hf-trainer    transformers.Trainer + peft.get_peft_model, same LoraConfig, AdamW lr, no clipping, defaults
+  hf-trainer-thp  the same with THP_MEM_ALLOC_ENABLE=1, the allocator setting `cli.py` makes: how much of our
+                arms' saving the setting alone would give HF Trainer
+  ours-hf-loss  our fit with `loss: hf` (the model's own labels= loss over full logits)
   ours-chunked  our fit with `loss: chunked` (the head only at response positions, fp32 chunks)
   ours-packed   ours-chunked plus `data.packing: true`: each batch's examples in one row, attention computed
                 example by example (models/packed_attention.py), so no padding is computed anywhere
+  ours-*-no-thp  ours-chunked / ours-packed under PyTorch's default allocator: what our code saves without the
+                setting, and what the setting costs in speed
+Our arms run as `cli.py fit` does (THP_MEM_ALLOC_ENABLE=1 but in the -no-thp arms, lean gated MLPs).
 Real tokens are the non-padding tokens; every arm trains the same ones, so equal losses mean equal training.
 The FLOP figures count the work of a full-logit forward/backward (what the HF arm does) on the tokens.
 
@@ -19,8 +21,6 @@ Run from the repository root:  python benchmarks/train_throughput.py [--quick]
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -53,31 +53,22 @@ LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate
 # PEFT's default LoraConfig dropout (0): with dropout, a packed row draws other masks than padded rows, so the
 # arms would train on different noise and their losses could not be compared.
 LORA = LoraSpec(dropout=0.0)
-ARMS = ("hf-trainer", "hf-trainer-freeing", "ours-hf-loss", "ours-chunked", "ours-packed")
+ARMS = (
+    "hf-trainer",
+    "hf-trainer-thp",
+    "ours-hf-loss",
+    "ours-chunked",
+    "ours-packed",
+    "ours-chunked-no-thp",
+    "ours-packed-no-thp",
+)
+THP = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch at its first allocation: set in the environment of the arm's process
+DEFAULT_ALLOCATOR_ARMS = ("hf-trainer", "ours-chunked-no-thp", "ours-packed-no-thp")
 FORMULA = (
     "useful FLOPs = (4 N_frozen + 6 N_lora) * tokens + 12 n_layers hidden * sum(seq_len^2) over the real tokens\n"
     "and lengths: the work of a full-logit step (N_frozen: frozen Linear weights incl. lm_head, forward 2N +\n"
     "input-grad 2N; N_lora: adapters, 6N); an arm that skips work (prompt logits, padding) shows a higher rate."
 )
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial threshold, kept fixed
-
-
-def return_freed_memory() -> bool:
-    """Serve every allocation of 128 KiB or more (tensors) with its own mapping, unmapped when freed. glibc
-    otherwise raises its mmap threshold after the first large frees, and later activations then come from a heap
-    that does not shrink: a CPU training step peaked ~25 % above its live tensors (HF Trainer too). Returns
-    whether the setting took effect (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 class StepTimer:
@@ -289,23 +280,24 @@ def run_hf(args: argparse.Namespace) -> tuple[StepTimer, dict]:
 def run_arm(args: argparse.Namespace) -> dict:
     """One arm in this process: its figures, and this process's peak resident memory."""
     if args.arm.startswith("hf-trainer"):
-        if args.arm == "hf-trainer-freeing":
-            return_freed_memory()
         timer, terms = run_hf(args)
     else:
         loss = "hf" if args.arm == "ours-hf-loss" else "chunked"
-        timer, terms = run_ours(args, loss=loss, packing=args.arm == "ours-packed")
+        timer, terms = run_ours(args, loss=loss, packing=args.arm.startswith("ours-packed"))
     figures = {key: value for key, value in vars(timer).items() if key != "masks"}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-    return {"timer": figures, "terms": terms, "peak_rss_mb": peak_mb}
+    return {"timer": figures, "terms": terms, "peak_rss_mb": peak_mb, THP: os.environ.get(THP)}
 
 
 def arm_in_subprocess(args: argparse.Namespace, arm: str) -> dict:
-    """`run_arm` in a fresh python process (its own peak memory), through a temporary JSON file."""
+    """`run_arm` in a fresh python process (its own peak memory and allocator setting), through a temporary JSON
+    file."""
+    env = {key: value for key, value in os.environ.items() if key != THP}
+    env |= {} if arm in DEFAULT_ALLOCATOR_ARMS else {THP: "1"}
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "arm.json"
         command = [sys.executable, __file__, "--arm", arm, "--arm-output", str(output), *args.forwarded]
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, env=env)
         return json.loads(output.read_text())
 
 
@@ -381,7 +373,7 @@ def main() -> None:
     for name, run in runs.items():
         timer = StepTimer(args.warmup_steps)
         timer.__dict__.update(run["timer"])
-        arms[name] = summarise(timer, run["terms"], max(peaks)) | {"peak_rss_mb": run["peak_rss_mb"]}
+        arms[name] = summarise(timer, run["terms"], max(peaks)) | {"peak_rss_mb": run["peak_rss_mb"], THP: run[THP]}
     hf = arms["hf-trainer"]
     for arm in arms.values():
         arm["ratio_vs_hf"] = arm["real_tokens_per_s"] / hf["real_tokens_per_s"]

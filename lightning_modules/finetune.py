@@ -24,6 +24,7 @@ from evaluation.rank_log import RankLogSpec
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
 from evaluation.teacher_forcing import losses_from_logits, response_loss, response_losses
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
+from models.gated_mlp import use_lean_gated_mlps
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec, load_model
 from models.packed_attention import use_packed_attention
@@ -123,6 +124,8 @@ class CausalLMFineTuner(LightningModule):
             use_packed_attention(model)  # packed rows: attention example by example; other rows: sdpa as before
             if self.loss == "liger":
                 apply_liger_kernels(model)
+            else:
+                use_lean_gated_mlps(model)  # the MLP's activation is recomputed in backward, not stored
             return build_trainable_model(model, self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens)
 
         mesh = self.device_mesh  # FSDP2 (configs/presets/gpu_fsdp.yaml): sharded, only rank 0 reads the weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,25 @@ def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
     assert state
     summary = json.loads((run / "dynamics/summary.json").read_text())  # rank 0 scored the pool, once per step
     assert summary["steps"] == [0, 2] and list(summary["results_by_type"]) == ["test"]
+
+
+ALIGNED_PROBE = "import torch; print(all(torch.empty(2**20).data_ptr() % 4096 == 0 for _ in range(8)))"
+"""Whether 4 MB tensors are page-aligned: PyTorch's CPU allocator does that only with THP_MEM_ALLOC_ENABLE on."""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PyTorch's huge-page allocation is Linux only")
+@pytest.mark.parametrize(
+    ("code", "setting", "aligned"),
+    [
+        (ALIGNED_PROBE, None, "False"),
+        ("import cli; " + ALIGNED_PROBE, None, "True"),
+        ("import cli; " + ALIGNED_PROBE, "0", "False"),
+    ],  # fmt: skip
+    ids=["plain torch", "the cli", "the cli, user said 0"],
+)
+def test_the_cli_allocates_large_tensors_on_huge_pages(code: str, setting: str | None, aligned: str) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    env |= {"THP_MEM_ALLOC_ENABLE": setting} if setting is not None else {}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == aligned
