@@ -76,6 +76,20 @@ def test_lean_mlps_equal_the_models_own_and_keep_one_tensor_fewer_per_layer(
     assert kept - lean_kept == layers * activation_output
 
 
+def test_lean_mlps_under_gradient_checkpointing_give_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    reference = tiny("llama", "lora")
+    lean = copy.deepcopy(reference)
+    use_lean_gated_mlps(lean)
+    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+    loss, grads, _ = step(reference, input_ids)
+    lean_loss, lean_grads, _ = step(lean, input_ids)
+    assert torch.equal(lean_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_lean_mlps_leave_inference_and_other_blocks_alone() -> None:
     model = build_tiny_model("llama", VOCAB).eval()
     input_ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
