@@ -41,12 +41,18 @@ from callbacks.slurm import SlurmRequeue
 from core.checkpoint_file import read_checkpoint
 from core.config_errors import one_line
 from core.errors import ReasoningLabError, UserInputError
-from core.io import check_output_folder, missing_folders, remove_unused_run
+from core.io import check_inside, check_name, check_output_folder, missing_folders, remove_unused_run
 from datamodules.reasoning import ReasoningDataModule
+from lightning_modules.finetune import SAVED_SETTINGS
+from models.loading import ModelSpec
+from models.trust import with_user_backbone
 from tasks.planning import PlanningSpec
 
 RUNS_DIR = "runs"
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+FINETUNER = "lightning_modules.finetune.CausalLMFineTuner"
+CHECKPOINT_CLASSES = {FINETUNER: SAVED_SETTINGS}
+"""The classes a `--ckpt_path` checkpoint may name, and the settings each may carry."""
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).
@@ -107,6 +113,7 @@ class ReasoningLabCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
+        hparams = trusted_settings(hparams, config.model, path)
         refuse_dropped_overrides(self.argv, config.model, hparams, path)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
@@ -121,8 +128,10 @@ class ReasoningLabCLI(LightningCLI):
         trainer, logger = config.trainer, config.trainer.logger
         if trainer.default_root_dir:
             check_output_folder(trainer.default_root_dir, "trainer.default_root_dir")
-        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("save_dir"):
-            check_output_folder(logger.init_args.save_dir, "trainer.logger.init_args.save_dir")
+        if isinstance(logger, Namespace) and logger.get("init_args"):
+            check_run_names(logger.init_args)
+            if logger.init_args.get("save_dir"):
+                check_output_folder(logger.init_args.save_dir, "trainer.logger.init_args.save_dir")
         if self.subcommand == "fit":
             check_new_run(config)
         config.overwrite_run = False  # config.yaml never tells a later run to overwrite
@@ -149,6 +158,29 @@ def option_names(parser, argv: list[str]) -> list[str]:
             actions = choices[name]._actions
             break
     return [action.dest for action in actions if action.dest not in ("help", "==SUPPRESS==")]
+
+
+def trusted_settings(hparams: dict, model: Namespace, path: str) -> dict:
+    """A checkpoint's hyper-parameters as they may be re-applied over the config: its class only from
+    `CHECKPOINT_CLASSES` and its settings only from that class's list (both checked before anything is imported:
+    jsonargparse imports the modules that class paths name), the backbone's name, revision, remote-code and
+    attention-kernel settings the user's (`models.trust`)."""
+    class_path = hparams.get("_class_path", FINETUNER)
+    if class_path not in CHECKPOINT_CLASSES:
+        raise UserInputError(
+            f"checkpoint '{path}': it names the class {str(class_path)[:100]!r}; checkpoints may only name "
+            f"{', '.join(CHECKPOINT_CLASSES)} (nothing was imported)"
+        )
+    unknown = sorted(str(key) for key in hparams if key != "_class_path" and key not in CHECKPOINT_CLASSES[class_path])
+    if unknown:
+        raise UserInputError(
+            f"checkpoint '{path}': unexpected model settings {unknown[:5]}; a checkpoint of cli.py fit records only "
+            f"{', '.join(CHECKPOINT_CLASSES[class_path])}"
+        )
+    if "backbone" in hparams:
+        user = model.get("init_args", Namespace()).get("backbone") if isinstance(model, Namespace) else None
+        hparams["backbone"] = with_user_backbone(hparams["backbone"], user or ModelSpec(), f"checkpoint '{path}'")
+    return hparams
 
 
 def refuse_dropped_overrides(argv: list[str], model: Namespace, hparams: dict, path: str) -> None:
@@ -197,6 +229,14 @@ def logger_run_dir(trainer) -> Path | None:
     return Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
 
 
+def check_run_names(logger_args: Namespace) -> None:
+    """The logger's experiment name and version become folders under its save_dir: plain names only."""
+    for key in ("name", "version"):
+        value = logger_args.get(key)
+        if value not in (None, "") and not isinstance(value, int):
+            check_name(value, f"trainer.logger.init_args.{key}")
+
+
 def check_new_run(config: Namespace) -> None:
     """A new `fit` in an existing run directory (an explicit trainer.logger.init_args.version) would mix two runs:
     refused unless it resumes (--ckpt_path, or Lightning's own hpc checkpoint) or --overwrite_run starts over."""
@@ -219,7 +259,7 @@ def check_new_run(config: Namespace) -> None:
         )
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise UserInputError(f"--overwrite_run: '{run_dir}' holds the working directory; refusing to remove it")
-    shutil.rmtree(run_dir)
+    shutil.rmtree(check_inside(run_dir, Path(args.save_dir or "."), "--overwrite_run"))
 
 
 def planning_of(model: LightningModule) -> PlanningSpec | None:

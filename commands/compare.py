@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from core.errors import UserInputError
-from core.io import atomic_path, write_text_atomic
+from core.io import atomic_path, check_name, write_text_atomic
 from core.records import read_json_records
 from evaluation.statistics import METHOD, paired_comparison, sample_spread
 from evaluation.summaries import interval_text, metric_summary
@@ -38,7 +38,8 @@ def arm_files(folder: Path, label: str | None) -> list[tuple[str, Path]]:
         arms = json.loads((folder / "summary.json").read_text(encoding="utf-8"))["arms"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserInputError(f"{folder / 'summary.json'}: not a SLOT arms summary ({error})") from None
-    return [(f"{label}:{arm}" if label else arm, folder / f"{arm}.jsonl") for arm in arms]
+    names = [check_name(arm, f"{folder / 'summary.json'}: arm") for arm in arms]
+    return [(f"{label}:{arm}" if label else arm, folder / f"{arm}.jsonl") for arm in names]
 
 
 def sample_files(argument: str, only_input: bool) -> list[tuple[str, Path]]:

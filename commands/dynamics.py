@@ -27,8 +27,9 @@ from evaluation.likelihood import (
     score_pool,
     settings_record,
 )
-from models.checkpoints import Checkpoint, CheckpointModels, discover_checkpoints, lightning_backbone
+from models.checkpoints import Checkpoint, CheckpointModels, discover_checkpoints, recorded_backbone
 from models.loading import ModelSpec, load_tokenizer
+from models.trust import check_recorded_backbone
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def dynamics(
     Args:
         folder: the run folder holding the checkpoints.
         pool: the sample pool, a JSON list (or JSONL) of {"instruction", "input", "output", "type"}.
-        model: the base model (step 0, and the base of adapter checkpoints); None = the backbone recorded
-            in the run (a Lightning checkpoint's hyper-parameters or an export's training_info.json).
+        model: the base model (step 0, and the base of adapter checkpoints); None = the embedded default. A run
+            recorded on another backbone is refused until its base model is given here.
         scoring: prompt format, response-only or all-token scoring, batch size, head chunk size.
         output: where the outputs go; None = FOLDER/dynamics_offline (the live callback writes FOLDER/dynamics).
         types: score only these sample types (None = all).
@@ -63,7 +64,7 @@ def dynamics(
     discovery = discover_checkpoints(folder)
     for problem in discovery.problems:
         log.warning("skipped %s: %s", problem["checkpoint"], problem["reason"])
-    backbone = model or recorded_backbone(discovery.checkpoints, folder)
+    backbone = base_model(model, discovery.checkpoints)
     out = Path(output) if output else Path(folder) / "dynamics_offline"
     settings = {**settings_record(scoring, samples), "base_model": backbone.name}
     header = {
@@ -97,16 +98,24 @@ def dynamics(
     return summary
 
 
-def recorded_backbone(checkpoints: list[Checkpoint], folder: str) -> ModelSpec:
-    """The backbone a run recorded: in a Lightning checkpoint or an export's training_info.json."""
+def base_model(model: ModelSpec | None, checkpoints: list[Checkpoint]) -> ModelSpec:
+    """The base model: the user's (`--model`, default the embedded model), checked against what the run's first
+    checkpoint records (a request for remote code is refused, see `models.trust`). Without `--model`, a run
+    recorded on another backbone is one line saying which `--model.name` to give: a file never chooses it."""
+    user = model or ModelSpec()
     for checkpoint in checkpoints:
-        if checkpoint.kind == "lightning" and (backbone := lightning_backbone(checkpoint.path)) is not None:
-            return backbone
-        if checkpoint.kind == "export":
-            info = json.loads((checkpoint.path / "training_info.json").read_text())
-            if "backbone" in info:
-                return ModelSpec(**info["backbone"])
-    raise UserInputError(f"{folder}: no backbone recorded in its checkpoints; give the base model with --model.name")
+        recorded = recorded_backbone(checkpoint)
+        if recorded is None:
+            continue
+        source = f"checkpoint '{checkpoint.path}'"
+        check_recorded_backbone(recorded, user, source)
+        if model is None and recorded.get("name") != user.name:
+            raise UserInputError(
+                f"{source} was trained on '{recorded.get('name')}': give its base model with --model.name "
+                "(the base model is never taken from a file)"
+            )
+        break
+    return user
 
 
 def checkpoint_stamp(checkpoint: Checkpoint) -> list | None:

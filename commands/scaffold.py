@@ -132,6 +132,7 @@ def scaffold(
         submit: submit with sbatch: fine-tuning first, evaluations after it (`--dependency=afterok`).
     """
     experiment_dir, slurm = Path(experiment_dir).resolve(), slurm or SlurmSpec()
+    check_slurm_values(slurm)
     if not runs:
         raise UserInputError("scaffold: no runs given (runs: [{name, configs, overrides}])")
     if evaluator == "inspect" and not Path(inspect_task).is_file():
@@ -158,6 +159,20 @@ def scaffold(
         submit_all(experiment_dir, plans)
 
 
+def check_slurm_values(slurm: SlurmSpec) -> None:
+    """Values that go into `#SBATCH` and `export` lines: environment names are shell names, header values are one
+    line without spaces (sbatch reads each `#SBATCH` line; a newline would start a shell line)."""
+    for key in slurm.environment:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
+            raise UserInputError(f"scaffold: slurm.environment key {str(key)!r} is not a shell variable name")
+    for name in ("account", "partition", "finetune_time", "eval_time"):
+        value = getattr(slurm, name)
+        if value is not None and not re.fullmatch(r"[\w.:,@+=-]+", str(value)):
+            raise UserInputError(f"scaffold: slurm.{name} {str(value)!r} holds spaces or characters sbatch refuses")
+    if any("\n" in line or "\r" in line for line in slurm.setup):
+        raise UserInputError("scaffold: slurm.setup: give one command per list item (no line breaks inside one)")
+
+
 @dataclass
 class RunPlan:
     finetune: Path
@@ -179,8 +194,10 @@ def plan_run(
     """Every file of one run, as text (nothing written yet)."""
     from cli import resolve_config  # the CLI's own parser: the config is validated exactly as `fit` would
 
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name):
-        raise UserInputError(f"scaffold: run name '{run.name}' may only hold letters, digits, '.', '_' and '-'")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name) or run.name in (".", ".."):
+        raise UserInputError(
+            f"scaffold: run name '{run.name}' may only hold letters, digits, '.', '_' and '-' (and is not '.' or '..')"
+        )
     for config in run.configs:
         if not Path(config).is_file():
             raise UserInputError(f"scaffold: run '{run.name}': config file '{config}' does not exist")

@@ -35,6 +35,27 @@ def check_output_folder(path: str | Path, what: str) -> None:
             return
 
 
+def check_name(value: object, what: str) -> str:
+    """`value` as one path component (an experiment, version, run or arm name): refused in one line naming `what`
+    when it is empty, `.` or `..`, or holds a path separator or a control character. Returns it as text."""
+    name = str(value)
+    if name in ("", ".", "..") or any(char in name for char in "/\\") or not name.isprintable():
+        raise UserInputError(
+            f"{what}: {name!r} is not a plain name (no '/', '\\', '.', '..' or control characters); it becomes a "
+            "folder or file name"
+        )
+    return name
+
+
+def check_inside(path: Path, root: Path, what: str) -> Path:
+    """`path`, resolved; refused in one line naming `what` unless it lies strictly inside `root` (resolved, links
+    followed): nothing is written or removed outside the folder it belongs to."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved == base or not resolved.is_relative_to(base):
+        raise UserInputError(f"{what}: '{path}' is not inside '{root}'; refusing to write or remove it")
+    return resolved
+
+
 def make_folder(path: Path) -> None:
     """`mkdir -p path`, with one clear error when a file is in the way."""
     check_output_folder(path, "output")

@@ -30,6 +30,7 @@ from core.errors import UserInputError
 from models.adapters import LoraSpec
 from models.loader import from_lightning_checkpoint, load_trained
 from models.loading import ModelSpec, load_model
+from models.trust import as_mapping
 
 BASE_NAME = "base_model"
 KIND_ORDER = {"lightning": 0, "export": 1, "hf": 2}
@@ -110,11 +111,16 @@ def _lightning_step(path: Path) -> int:
         raise UserInputError(f"{path.name}: a Lightning checkpoint without its global_step") from None
 
 
-def lightning_backbone(path: Path) -> ModelSpec | None:
-    """The backbone a Lightning checkpoint of CausalLMFineTuner was trained on (from its hyper-parameters)."""
-    hparams = read_checkpoint(path).get("hyper_parameters", {})
-    backbone = hparams.get("backbone")
-    return ModelSpec(**backbone) if isinstance(backbone, dict) else backbone
+def recorded_backbone(checkpoint: Checkpoint) -> dict | None:
+    """The backbone settings a checkpoint records (a Lightning checkpoint's hyper-parameters, an export's
+    training_info.json), as recorded: never loaded from (see `models.trust`). None when it records none."""
+    if checkpoint.kind == "lightning":
+        backbone = read_checkpoint(checkpoint.path).get("hyper_parameters", {}).get("backbone")
+    elif checkpoint.kind == "export":
+        backbone = json.loads((checkpoint.path / "training_info.json").read_text(encoding="utf-8")).get("backbone")
+    else:
+        return None
+    return as_mapping(backbone) if backbone is not None else None
 
 
 class CheckpointModels:

@@ -21,6 +21,7 @@ from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer, rebuild_with_adapter
 from models.loading import ModelSpec, load_model, load_tokenizer
+from models.trust import check_recorded_backbone, refuse_custom_code
 from tasks.planning import PlanningSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -61,7 +62,7 @@ def read_tokenizer(backbone: ModelSpec, checkpoint: str | Path | None = None) ->
     plus the planning tokens recorded in a Lightning checkpoint)."""
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_dir() and _has_tokenizer(path):
-        return _folder_tokenizer(path)
+        return _folder_tokenizer(path, backbone)
     if path is not None and path.is_file():
         return planning_tokenizer(backbone, _planning_of(read_checkpoint(path).get("hyper_parameters", {})))[0]
     return load_tokenizer(backbone)
@@ -82,6 +83,7 @@ def from_lightning_checkpoint(backbone: ModelSpec, saved: dict, source: str) -> 
     hparams = saved.get("hyper_parameters", {})
     if "state_dict" not in saved:
         raise UserInputError(f"{source}: not a Lightning checkpoint of cli.py fit (no state_dict)")
+    check_recorded_backbone(hparams.get("backbone"), backbone, source)
     planning = _planning_of(hparams)
     saved_tokens = saved.get("planning_tokens")
     if saved_tokens is not None and saved_tokens != planning.key_tokens():
@@ -116,8 +118,9 @@ def model_from_training_state(
 
 def _from_folder(backbone: ModelSpec, path: Path) -> TrainedModel:
     info = _training_info(path)
+    check_recorded_backbone(info.get("backbone"), backbone, f"checkpoint '{path}'")
     planning = _planning_of(info)
-    tokenizer = _folder_tokenizer(path) if _has_tokenizer(path) else planning_tokenizer(backbone, planning)[0]
+    tokenizer = _folder_tokenizer(path, backbone) if _has_tokenizer(path) else planning_tokenizer(backbone, planning)[0]
     if (path / "adapter_config.json").is_file():
         base = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
         if base.get_input_embeddings().weight.shape[0] < len(tokenizer):  # the run added planning tokens
@@ -163,8 +166,11 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def _folder_tokenizer(path: Path, backbone: ModelSpec) -> PreTrainedTokenizerBase:
+    try:  # trust_remote_code is always explicit: transformers would otherwise ask on stdin
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=backbone.trust_remote_code)
+    except ValueError as error:
+        raise refuse_custom_code(error, str(path)) or error from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
+from models.trust import refuse_custom_code
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         )
     except OSError as error:
         raise UserInputError(_not_found_message(spec.name, error)) from None
+    except ValueError as error:
+        raise refuse_custom_code(error, spec.name) or error from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -152,6 +155,8 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None, empty: boo
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise UserInputError(_not_found_message(spec.name, error)) from None
+    except ValueError as error:
+        raise refuse_custom_code(error, spec.name) or error from None
     return _training_ready(model, spec)
 
 
@@ -161,14 +166,19 @@ def _empty_model(spec: ModelSpec, path: str) -> PreTrainedModel:
 
     if spec.quantization:
         raise UserInputError("model.quantization (QLoRA) cannot be combined with FSDP sharding")
-    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except ValueError as error:
+        raise refuse_custom_code(error, spec.name) or error from None
     kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(
             config, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **kwargs
         )
     try:
-        model.generation_config = GenerationConfig.from_pretrained(path, revision=spec.revision)
+        model.generation_config = GenerationConfig.from_pretrained(
+            path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     except OSError:
         pass  # a folder without generation_config.json: the config's defaults, as from_pretrained gives
     return model

@@ -274,7 +274,8 @@ def likelihood_dynamics(ctx: Context) -> dict:
         raise AssertionError("needs the run of lora_planning_bf16, which did not finish")
     output = ctx.workdir / "dynamics"
     run_command("dynamics", ["--folder", str(ctx.run_dir("lora")), "--pool", str(REPO / "data/dynamics/pool.json"),
-                             "--output", str(output), "--device", device(ctx)])  # fmt: skip
+                             "--model.name", ctx.model("small"), "--output", str(output),
+                             "--device", device(ctx)])  # fmt: skip
     summary = json.loads((output / "summary.json").read_text())
     return {"steps": summary["steps"], "types": sorted(summary["results_by_type"])}
 

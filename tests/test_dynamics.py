@@ -208,7 +208,7 @@ def test_live_callback_in_fit_matches_the_offline_command(tiny_llama, tmp_path, 
     events = EventAccumulator(str(run)).Reload()
     assert [event.step for event in events.Scalars("dynamics/a/perplexity")] == [0, 3, 4, 6, 8]
 
-    offline = dynamics(str(run), str(pool))  # Lightning checkpoints and exports; backbone from the checkpoint
+    offline = dynamics(str(run), str(pool), model=ModelSpec(name=str(tiny_llama)))  # Lightning ckpts and exports
     assert offline["steps"] == [0, 4, 8] and offline["checkpoints"][2].endswith(".ckpt")
     # The run trains planning tokens (lora+prompt-tuning): its checkpoints load with their added rows. Step 0
     # differs by design: live, the model at step 0 already has the initialised planning rows; offline, the base
