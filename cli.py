@@ -43,7 +43,6 @@ from core.config_errors import one_line
 from core.errors import ReasoningLabError, UserInputError
 from core.io import check_inside, check_name, check_output_folder, missing_folders, remove_unused_run
 from datamodules.reasoning import ReasoningDataModule
-from lightning_modules.finetune import SAVED_SETTINGS
 from models.loading import ModelSpec
 from models.trust import with_user_backbone
 from tasks.planning import PlanningSpec
@@ -51,8 +50,8 @@ from tasks.planning import PlanningSpec
 RUNS_DIR = "runs"
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 FINETUNER = "lightning_modules.finetune.CausalLMFineTuner"
-CHECKPOINT_CLASSES = {FINETUNER: SAVED_SETTINGS}
-"""The classes a `--ckpt_path` checkpoint may name, and the settings each may carry."""
+CHECKPOINT_CLASSES = {FINETUNER: ("backbone", "mode", "lora", "planning")}
+"""The classes a `--ckpt_path` checkpoint may name, and the settings each saves (its `save_hyperparameters`)."""
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).

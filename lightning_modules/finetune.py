@@ -38,10 +38,6 @@ EXPLODING_GROWTH = 10.0
 """An optimizer step that multiplies the norm of the trainable weights by more than this is a blow-up."""
 
 
-SAVED_SETTINGS = ("backbone", "mode", "lora", "planning")
-"""The model settings a checkpoint records and `--ckpt_path` re-applies (plain data: no class is named in them)."""
-
-
 class CausalLMFineTuner(LightningModule):
     """Fine-tunes a causal LM on prompt -> response data; validates with loss and answer accuracy.
 
@@ -80,7 +76,7 @@ class CausalLMFineTuner(LightningModule):
         super().__init__()
         # evaluation knobs and the loss kernel (a compute choice: a liger-trained checkpoint evaluates on a CPU) are
         # kept out of the hparams that `--ckpt_path` re-applies over the config
-        self.save_hyperparameters(*SAVED_SETTINGS)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log", "loss"])
         backbone = backbone or ModelSpec()
         if mode.startswith("qlora") and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
