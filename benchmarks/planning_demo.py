@@ -89,7 +89,7 @@ def run_arm(name: str, overrides: list[str], root: Path, max_new_tokens: int, st
     run_dir = next((root / name).glob("version_*"))
     samples_file = max(run_dir.glob("samples/val_step*.jsonl"), key=lambda path: int(path.stem[8:]))
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(next(run_dir.glob("epoch_*")))
+    tokenizer = AutoTokenizer.from_pretrained(next(run_dir.glob("epoch_*")), trust_remote_code=False)
     reports = sorted(run_dir.glob("planning/val_step*.json"), key=lambda path: int(path.stem[8:]))
     if reports:
         layout = json.loads(reports[-1].read_text())["layout_share"]

@@ -58,6 +58,7 @@ def engine(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings:
     llm = LLM(
         model=str(folder),
         tokenizer=str(folder),
+        trust_remote_code=False,  # our own merged folder: nothing in it needs code
         dtype=settings.dtype,
         tensor_parallel_size=settings.tensor_parallel_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -95,8 +95,10 @@ def convert_gguf(gguf_path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("Converting %s to a safetensors folder in %s (once)", gguf_path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+    )
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the de-quantised weights are plain fp32
