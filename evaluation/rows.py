@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from evaluation.sampling_metrics import mean_metrics
+from evaluation.summaries import FORMAT_FLAGS
 
 
 @dataclass
@@ -102,8 +103,9 @@ def summarize(rows: list[EvaluationRow]) -> dict:
     if len(rows[0].completions) > 1:
         summary["samples_per_question"] = len(rows[0].completions)
         summary.update(mean_metrics([{"metrics": row.metrics} for row in rows]))
-    if "format_ok" in rows[0].extra:
-        summary["format_accuracy"] = sum(row.extra["format_ok"] for row in rows) / len(rows)
+    for flag, name in FORMAT_FLAGS.items():
+        if flag in rows[0].extra:
+            summary[name] = sum(row.extra[flag] for row in rows) / len(rows)
     if "slot_loss" in rows[0].extra:
         summary["mean_final_loss"] = sum(row.extra["slot_loss"][-1] for row in rows) / len(rows)
     return summary
@@ -115,7 +117,7 @@ def logged_metrics(rows: list[EvaluationRow]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for arm, arm_rows in rows_by_arm(rows).items():
         summary = summarize(arm_rows)
-        names = {"accuracy": "accuracy", "loss": "loss", "format_accuracy": "format_accuracy"}
+        names = {"accuracy": "accuracy", "loss": "loss", **{name: name for name in FORMAT_FLAGS.values()}}
         names.update({"mean_final_loss": "final_loss"})
         names.update({name: name for name in summary if "@" in name})
         prefix = f"{arm}/" if arm is not None else ""

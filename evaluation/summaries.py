@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from evaluation.sampling_metrics import mean_metrics
 from evaluation.statistics import METHOD, bootstrap_interval, paired_comparison, sample_spread, wilson_interval
 
-PROPORTIONS = ("accuracy", "format_accuracy")  # one 0/1 outcome per question: Wilson intervals
+FORMAT_FLAGS = {"format_ok": "format_accuracy", "format_ok_lenient": "format_accuracy_lenient"}
+"""Per-row format flags (SLOT) and the accuracy each one gives."""
+PROPORTIONS = ("accuracy", *FORMAT_FLAGS.values())  # one 0/1 outcome per question: Wilson intervals
 
 
 def metric_summary(name: str, values: Sequence[float]) -> dict:
@@ -69,8 +71,9 @@ def arms_summary(by_arm: dict[str, list[dict]]) -> dict:
     for arm, rows in by_arm.items():
         correct = [bool(row["correct"]) for row in rows]
         entry = {"questions": len(rows), **metric_summary("accuracy", correct)}
-        if "format_ok" in rows[0]:
-            entry.update(metric_summary("format_accuracy", [bool(row["format_ok"]) for row in rows]))
+        for flag, name in FORMAT_FLAGS.items():
+            if flag in rows[0]:
+                entry.update(metric_summary(name, [bool(row[flag]) for row in rows]))
         if "slot_loss" in rows[0]:
             entry["mean_final_loss"] = sum(row["slot_loss"][-1] for row in rows) / len(rows)
         if arm != baseline_name:

@@ -20,7 +20,22 @@ from models.loading import ModelSpec
 
 log = logging.getLogger(__name__)
 
-R1_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
+R1_FORMAT = r"^<think>.*?</think><answer>.*?</answer>$"
+"""The reference's format check (`re.match`, DOTALL, on the completion as decoded: no strip, no space between tags)."""
+R1_FORMAT_LENIENT = r"<think>.*?</think>\s*<answer>.*?</answer>"
+"""Ours, reported beside it as `format_accuracy_lenient`: the stripped completion, whitespace allowed between tags."""
+
+
+LENIENT_FORMAT = re.compile(R1_FORMAT_LENIENT, re.DOTALL)
+
+
+def format_checks(pattern: re.Pattern, completion: str) -> dict[str, bool]:
+    """`format_ok`: `pattern` matches the completion as decoded from its start (the reference's `re.match`);
+    `format_ok_lenient`: the stripped completion fully matches `R1_FORMAT_LENIENT`."""
+    return {
+        "format_ok": bool(pattern.match(completion)),
+        "format_ok_lenient": bool(LENIENT_FORMAT.fullmatch(completion.strip())),
+    }
 
 
 class SLOTEvaluator(LightningModule):
@@ -32,7 +47,9 @@ class SLOTEvaluator(LightningModule):
             checkpoint of `cli.py fit` on `backbone`. None = `backbone` itself.
         arms: the settings compared; each writes `log_times_<iters>_lr_<lr>.jsonl`.
         generation: decoding after the optimisation (the seed: greedy, 512 new tokens); engine hf only.
-        format_pattern: a completion (stripped) that fully matches this regex counts as well formatted.
+        format_pattern: a completion (as decoded) that this regex matches from its start (`re.match`, DOTALL)
+            counts as well formatted (`format_accuracy`); the default is the reference's check. The stripped
+            completion fully matching `R1_FORMAT_LENIENT` is reported too (`format_accuracy_lenient`).
     """
 
     def __init__(
@@ -93,7 +110,7 @@ class SLOTEvaluator(LightningModule):
                     prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
                     row.extra = {
                         "prompt": self.tokenizer.decode(prompt),
-                        "format_ok": bool(self.format_pattern.fullmatch(row.completions[0].strip())),
+                        **format_checks(self.format_pattern, row.completions[0]),
                         "slot_loss": [round(value, 6) for value in trace[i, : arm.iters + 1].tolist()],
                     }
                 self.stage_rows.extend(rows)

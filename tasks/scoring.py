@@ -247,10 +247,22 @@ def extract_last_number_plain(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
-def numbers_or_math_equivalent(predicted: str, gold: str) -> bool:
-    """Numeric equality, else math_verify's (the SLOT reference compares with math_verify)."""
-    gold_number = normalize_number(gold) or gold
-    return numbers_equivalent(predicted, gold_number) or math_verify_equivalent(predicted, gold_number)
+def math_verify_expressions(predicted: str, gold: str) -> bool:
+    """The SLOT reference's comparison: both sides parsed as plain expressions (math_verify's
+    `ExprExtractionConfig`), then `verify(prediction, gold)`; False when either does not parse or on timeout."""
+    from math_verify import ExprExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
+
+    timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    if timeout is None and (_HANGS_SYMPY_RE.search(predicted) or _HANGS_SYMPY_RE.search(gold)):
+        return False
+    config = [ExprExtractionConfig()]
+    try:
+        pred_parsed = parse(predicted, extraction_config=config, parsing_timeout=timeout)
+        gold_parsed = parse(gold, extraction_config=config, parsing_timeout=timeout)
+        return bool(pred_parsed and gold_parsed and verify(pred_parsed, gold_parsed, timeout_seconds=timeout))
+    except (Exception, TimeoutException):  # noqa: BLE001 - sympy can raise anything (or time out) on odd input
+        return False
 
 
 ANSWER_FORMATS: dict[str, AnswerFormat] = {
@@ -258,7 +270,7 @@ ANSWER_FORMATS: dict[str, AnswerFormat] = {
     "math": AnswerFormat("math", extract_math, math_equivalent),
     "aqua": AnswerFormat("aqua", extract_aqua, letters_equivalent),
     "boolean": AnswerFormat("boolean", extract_boolean, booleans_equivalent),
-    "last_number": AnswerFormat("last_number", extract_last_number_plain, numbers_or_math_equivalent),
+    "last_number": AnswerFormat("last_number", extract_last_number_plain, math_verify_expressions),
 }
 
 
