@@ -40,6 +40,7 @@ class LikelihoodDynamics(L.Callback):
         every_n_steps: also score every N optimizer steps (0 = only at checkpoints).
         prompt: the prompt format; None = the datamodule's (the format training uses).
         score: response: the response tokens given the prompt; all: every token after the first.
+        score_eos: also score an EOS after the response (off: the response tokens only, as the reference).
         types: score only these sample types (None = all).
         batch_size: sequences per forward pass.
         chunk_tokens: scored positions per output-head chunk.
@@ -52,6 +53,7 @@ class LikelihoodDynamics(L.Callback):
         every_n_steps: int = 0,
         prompt: PromptSpec | None = None,
         score: Literal["response", "all"] = "response",
+        score_eos: bool = False,
         types: list[str] | None = None,
         batch_size: int = 8,
         chunk_tokens: int = 1024,
@@ -59,7 +61,7 @@ class LikelihoodDynamics(L.Callback):
         self.pool, self.types = pool, types
         self.on_checkpoint, self.every_n_steps = on_checkpoint, every_n_steps
         self.prompt = prompt
-        self.spec = ScoringSpec(score=score, batch_size=batch_size, chunk_tokens=chunk_tokens)
+        self.spec = ScoringSpec(score=score, score_eos=score_eos, batch_size=batch_size, chunk_tokens=chunk_tokens)
         self.samples: list = []
         self.records: dict[int, dict] = {}
         self.directory: Path | None = None

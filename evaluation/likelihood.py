@@ -39,7 +39,10 @@ class ScoringSpec:
     prompt: PromptSpec = field(default_factory=PromptSpec)
     """Prompt format (plain or the tokenizer's chat template); recorded in every output."""
     score: Literal["response", "all"] = "response"
-    """response: the response tokens (and EOS) given the prompt; all: every token after the first."""
+    """response: the response tokens given the prompt; all: every token after the first."""
+    score_eos: bool = False
+    """Also score an EOS appended to the response (token_count + 1, log p(EOS) in the log-likelihood). Off: the
+    response tokens only, as the likelihood-dynamics reference code (calculate_llh.py) scores them."""
     batch_size: int = 8
     """Sequences per forward pass (sorted by length, so little padding)."""
     chunk_tokens: int = 1024
@@ -104,13 +107,22 @@ def pool_fingerprint(samples: Sequence[PoolSample]) -> str:
 
 def settings_record(spec: ScoringSpec, samples: Sequence[PoolSample]) -> dict:
     """What makes scores comparable: written into every output and checked before reusing one."""
-    return {"prompt": asdict(spec.prompt), "score": spec.score, "pool_sha256": pool_fingerprint(samples)}
+    return {
+        "prompt": asdict(spec.prompt),
+        "score": spec.score,
+        "score_eos": spec.score_eos,
+        "pool_sha256": pool_fingerprint(samples),
+    }
 
 
-def encode(formatter: PromptFormatter, question: str, response: str, score: str) -> tuple[list[int], int]:
-    """(ids, first scored position): prompt ids + response ids, scored from the response (or from 1)."""
+def encode(
+    formatter: PromptFormatter, question: str, response: str, score: str, eos: bool = False
+) -> tuple[list[int], int]:
+    """(ids, first scored position): prompt ids + response ids (+ EOS with `eos`), scored from the response (or
+    from 1)."""
     prompt_ids = formatter.encode_prompt(question)
-    ids = prompt_ids + formatter.encode_response(response)
+    response_ids = formatter.encode_response(response)  # ends with EOS
+    ids = prompt_ids + (response_ids if eos else response_ids[:-1])
     return ids, (len(prompt_ids) if score == "response" else 1)
 
 
@@ -160,7 +172,7 @@ def score_texts(
 ) -> list[SampleMetrics]:
     """Metrics of each (prompt text, response) pair under `model`, formatted by `spec.prompt`."""
     formatter = PromptFormatter(tokenizer, spec.prompt)
-    sequences = [encode(formatter, question, response, spec.score) for question, response in pairs]
+    sequences = [encode(formatter, question, response, spec.score, spec.score_eos) for question, response in pairs]
     return score_sequences(model, sequences, tokenizer.pad_token_id, spec.batch_size, spec.chunk_tokens, progress)
 
 

@@ -41,12 +41,14 @@ def direct_metrics(model, ids: list[int], first: int) -> dict:
     }
 
 
+@pytest.mark.parametrize("score_eos", [False, True])
 @pytest.mark.parametrize("score", ["response", "all"])
 @pytest.mark.parametrize("style", ["plain", "chat"])
-def test_metrics_equal_a_direct_per_sample_computation(tiny_tokenizer, score, style):
+def test_metrics_equal_a_direct_per_sample_computation(tiny_tokenizer, score, style, score_eos):
+    """By default the response tokens alone are scored (the reference's calculate_llh.py); `score_eos` adds EOS."""
     model = build_tiny_model("llama", len(tiny_tokenizer)).eval()
     samples = [PoolSample(**row) for row in POOL]
-    spec = ScoringSpec(prompt=PromptSpec(style=style), score=score, batch_size=2, chunk_tokens=7)
+    spec = ScoringSpec(prompt=PromptSpec(style=style), score=score, score_eos=score_eos, batch_size=2, chunk_tokens=7)
     results = score_pool(model, tiny_tokenizer, samples, spec)
     for sample, result in zip(samples, results, strict=True):
         question = "\n\n".join(part for part in (sample.instruction, sample.input) if part)
@@ -57,7 +59,7 @@ def test_metrics_equal_a_direct_per_sample_computation(tiny_tokenizer, score, st
             text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
             prompt = tiny_tokenizer(text, add_special_tokens=False).input_ids
             response = tiny_tokenizer(sample.output, add_special_tokens=False).input_ids
-        ids = prompt + response + [tiny_tokenizer.eos_token_id]
+        ids = prompt + response + ([tiny_tokenizer.eos_token_id] if score_eos else [])
         expected = direct_metrics(model, ids, len(prompt) if score == "response" else 1)
         assert result["type"] == sample.type
         assert result["metrics"]["token_count"] == expected["token_count"]
@@ -75,7 +77,8 @@ def test_the_boundary_is_right_where_bpe_merges_across_the_join():
     joint = tokenizer(formatter.prompt_text(question) + response, add_special_tokens=False).input_ids
     assert joint[: len(prompt_ids)] != prompt_ids  # precondition: BPE merges across the join here
     model = build_tiny_model("llama", len(tokenizer), hidden_size=16, intermediate_size=32).eval()
-    (result,) = score_pool(model, tokenizer, [PoolSample("", question, response, "t")], ScoringSpec())
+    spec = ScoringSpec(score_eos=True)
+    (result,) = score_pool(model, tokenizer, [PoolSample("", question, response, "t")], spec)
     expected = direct_metrics(model, prompt_ids + response_ids, len(prompt_ids))
     assert result["metrics"]["token_count"] == len(response_ids) == expected["token_count"]
     assert result["metrics"]["log_likelihood"] == pytest.approx(expected["log_likelihood"], rel=1e-4)
