@@ -5,11 +5,14 @@ samples in "predictions"/"samples_correct" or one in "prediction"/"correct") and
 (`..._ranks.jsonl` / `rank_logs.jsonl`: {"id", "sample", "low_confidence_ranks", "low_probability_ranks"}),
 merged by (id, sample), never by position. Analyses (printed, analysis.json, PNG plots):
 - accuracy vs the number of logged (low-confidence) steps of a sequence (0..9, 10 = 10+);
-- accuracy per sampled rank k (1..9, 10 = 10+): sequences with at least one logged step at rank k;
+- accuracy per sampled rank k (1..9, 10 = 10+): every logged step at rank k counts its sequence's correctness
+  once (the reference's merge_low_conf_ranks_seq.py; `rank_counting: sequences` counts each sequence once);
 - the same on the single-step subset (exactly one logged step);
 - accuracy by mean-rank and by max-rank bins of a sequence's logged steps;
-- majority vote per question over all samples vs only over low-rank samples (every logged rank <= R), with
-  the share of questions that have such a sample (others fall back to all their samples).
+- majority vote per question over all samples vs only over low-rank samples: by default, as the reference, the
+  samples whose mean logged rank is <= T (a sample without logged steps is left out) and only the questions
+  that keep one; `vote_filter: max` (every logged rank <= T) and `vote_fallback: true` (a question without such
+  a sample votes over all of its samples) are ours.
 """
 
 from __future__ import annotations
@@ -65,17 +68,26 @@ def accuracy(sequences: list[dict]) -> dict:
     }
 
 
-def by_rank(sequences: list[dict]) -> dict:
-    """Accuracy of the sequences with at least one logged step at rank k (k = 1..9, "10+")."""
-    result = {}
-    for k in range(1, 11):
-        hit = [s for s in sequences if any((r >= 10) if k == 10 else (r == k) for r in s["ranks"])]
-        result["10+" if k == 10 else str(k)] = accuracy(hit)
-    return result
+def rank_bin(rank: int) -> str:
+    return "10+" if rank >= 10 else str(rank)
 
 
-def majority_votes(sequences: list[dict], max_ranks: list[int]) -> dict:
-    """Majority-vote accuracy over all samples and over the samples whose logged ranks are all <= R."""
+def by_rank(sequences: list[dict], counting: str) -> dict:
+    """Accuracy per sampled rank k (1..9, "10+"). occurrences: every logged step at rank k counts its sequence's
+    correctness; sequences: the sequences with at least one logged step at rank k, once each."""
+    labels = [rank_bin(k) for k in range(1, 11)]
+    if counting == "sequences":
+        return {label: accuracy([s for s in sequences if label in map(rank_bin, s["ranks"])]) for label in labels}
+    counts = {label: [0, 0] for label in labels}
+    for sequence in sequences:
+        for rank in sequence["ranks"]:
+            counts[rank_bin(rank)][0] += sequence["correct"]
+            counts[rank_bin(rank)][1] += 1
+    return {label: {"occurrences": n, "accuracy": c / n if n else None} for label, (c, n) in counts.items()}
+
+
+def majority_votes(sequences: list[dict], vote_filter: str, thresholds: list[float], fallback: bool) -> dict:
+    """Majority-vote accuracy over all samples and over the low-rank samples of each question (see `analyze`)."""
     questions: dict[str, list[dict]] = {}
     for sequence in sequences:
         questions.setdefault(sequence["id"], []).append(sequence)
@@ -83,20 +95,33 @@ def majority_votes(sequences: list[dict], max_ranks: list[int]) -> dict:
     def vote(group: list[dict]) -> bool:
         return majority_vote([s["prediction"] for s in group], [s["correct"] for s in group])[1]
 
+    def kept(sequence: dict, limit: float) -> bool:
+        if vote_filter == "max":
+            return max(sequence["ranks"], default=1) <= limit
+        return bool(sequence["ranks"]) and sum(sequence["ranks"]) / len(sequence["ranks"]) <= limit
+
     result = {
         "all samples": {"questions": len(questions), "accuracy": sum(map(vote, questions.values())) / len(questions)}
     }
-    for limit in max_ranks:
-        correct, covered = 0, 0
+    for limit in thresholds:
+        correct, voted = 0, 0
         for group in questions.values():
-            low = [s for s in group if max(s["ranks"], default=1) <= limit]
-            covered += bool(low)
-            correct += vote(low or group)
-        result[f"max rank <= {limit}"] = {"accuracy": correct / len(questions), "coverage": covered / len(questions)}
+            low = [s for s in group if kept(s, limit)]
+            if low or fallback:
+                voted += 1
+                correct += vote(low or group)
+        covered = sum(any(kept(s, limit) for s in group) for group in questions.values())
+        result[f"{vote_filter} rank <= {limit:g}"] = {
+            "accuracy": correct / voted if voted else None,
+            "questions": voted,
+            "coverage": covered / len(questions),
+        }
     return result
 
 
-def analyses(sequences: list[dict], max_ranks: list[int]) -> dict:
+def analyses(
+    sequences: list[dict], rank_counting: str, vote_filter: str, thresholds: list[float], fallback: bool
+) -> dict:
     counts = {}
     for n in range(11):
         group = [s for s in sequences if (len(s["ranks"]) >= 10 if n == 10 else len(s["ranks"]) == n)]
@@ -114,12 +139,17 @@ def analyses(sequences: list[dict], max_ranks: list[int]) -> dict:
     return {
         "overall": accuracy(sequences),
         "by_number_of_logged_steps": counts,
-        "by_sampled_rank": by_rank(sequences),
-        "single_step_by_rank": by_rank([s for s in sequences if len(s["ranks"]) == 1]),
+        "by_sampled_rank": by_rank(sequences, rank_counting),
+        "single_step_by_rank": by_rank([s for s in sequences if len(s["ranks"]) == 1], rank_counting),
         "by_mean_rank": {"no logged step": accuracy([s for s in sequences if not s["ranks"]]), **mean},
         "by_max_rank": top,
-        "majority_vote": majority_votes(sequences, max_ranks),
+        "majority_vote": majority_votes(sequences, vote_filter, thresholds, fallback),
     }
+
+
+def size(entry: dict) -> int | None:
+    """How many sequences (or logged steps) an accuracy entry is over; None for a vote entry."""
+    return entry.get("sequences", entry.get("occurrences"))
 
 
 def plot(path: Path, groups: dict, xlabel: str) -> None:
@@ -128,11 +158,11 @@ def plot(path: Path, groups: dict, xlabel: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label, entry in groups.items() if entry["sequences"]]
+    labels = [label for label, entry in groups.items() if size(entry)]
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.bar(labels, [groups[label]["accuracy"] for label in labels])
     for index, label in enumerate(labels):
-        axis.annotate(f"n={groups[label]['sequences']}", (index, groups[label]["accuracy"]), ha="center", va="bottom")
+        axis.annotate(f"n={size(groups[label])}", (index, groups[label]["accuracy"]), ha="center", va="bottom")
     axis.set_xlabel(xlabel)
     axis.set_ylabel("accuracy")
     axis.set_ylim(0, 1.1)
@@ -146,10 +176,11 @@ def table(title: str, groups: dict) -> str:
     lines = [title]
     for label, entry in groups.items():
         value = "-" if entry.get("accuracy") is None else f"{entry['accuracy']:.4f}"
-        if "sequences" in entry:
-            extra = f"n={entry['sequences']}"
+        if size(entry) is not None:
+            extra = f"n={size(entry)}"
         else:
-            extra = f"questions={entry['questions']}" if "questions" in entry else f"coverage {entry['coverage']:.2f}"
+            extra = f"questions={entry['questions']}"
+            extra += f", coverage {entry['coverage']:.2f}" if "coverage" in entry else ""
         lines.append(f"  {label:<18}{value:>8}  {extra}")
     return "\n".join(lines)
 
@@ -159,7 +190,10 @@ def analyze(
     ranks: str,
     output_dir: str,
     log: Literal["low_confidence", "low_probability"] = "low_confidence",
-    max_ranks: list[int] | None = None,
+    rank_counting: Literal["occurrences", "sequences"] = "occurrences",
+    vote_filter: Literal["mean", "max"] = "mean",
+    vote_thresholds: list[float] | None = None,
+    vote_fallback: bool = False,
 ) -> dict:
     """Accuracy against the ranks of the chosen tokens: a table, analysis.json and PNG plots.
 
@@ -169,14 +203,21 @@ def analyze(
         output_dir: where analysis.json and the plots go.
         log: which rank list to analyse: low_confidence (steps with a low top-1 probability) or
             low_probability (steps where the chosen token's own probability was low).
-        max_ranks: the R of "majority vote over samples whose logged ranks are all <= R" (default 1, 2, 3, 5).
+        rank_counting: accuracy per sampled rank: occurrences (every logged step, the reference's) or sequences
+            (each sequence once).
+        vote_filter: which samples the conditioned majority vote keeps: mean (mean logged rank <= T, the
+            reference's) or max (every logged rank <= T).
+        vote_thresholds: the T values (default 2 and 3 for mean, 1, 2, 3 and 5 for max).
+        vote_fallback: a question without a kept sample votes over all of its samples (ours) instead of being
+            left out of that vote (the reference's).
     """
-    max_ranks = max_ranks or [1, 2, 3, 5]
-    if any(not isinstance(r, int) or r < 1 for r in max_ranks):
-        raise UserInputError(f"analyze: max_ranks must be integers >= 1, got {max_ranks}")
-    result = analyses(merge(Path(samples), Path(ranks), log), max_ranks)
+    thresholds = vote_thresholds or ([2.0, 3.0] if vote_filter == "mean" else [1, 2, 3, 5])
+    if any(not isinstance(t, (int, float)) or t < 1 for t in thresholds):
+        raise UserInputError(f"analyze: vote_thresholds must be numbers >= 1, got {thresholds}")
+    settings = {"rank_counting": rank_counting, "vote_filter": vote_filter, "vote_fallback": vote_fallback}
+    result = analyses(merge(Path(samples), Path(ranks), log), rank_counting, vote_filter, thresholds, vote_fallback)
     out = Path(output_dir)
-    write_json_atomic(out / "analysis.json", {"samples": samples, "ranks": ranks, "log": log, **result})
+    write_json_atomic(out / "analysis.json", {"samples": samples, "ranks": ranks, "log": log, **settings, **result})
     plot(out / "accuracy_vs_logged_steps.png", result["by_number_of_logged_steps"], f"number of {log} steps")
     plot(out / "accuracy_per_sampled_rank.png", result["by_sampled_rank"], "sampled rank (at a logged step)")
     print(f"overall accuracy {result['overall']['accuracy']:.4f} over {result['overall']['sequences']} sequences")

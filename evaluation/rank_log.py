@@ -23,8 +23,9 @@ from core.errors import UserInputError
 class RankLogSpec:
     """Which generation steps the rank logs keep."""
 
-    low_confidence: float = 0.3
-    """Log the chosen token's rank at steps whose top-1 probability is below this."""
+    low_confidence: float = 1.0
+    """Log the chosen token's rank at steps whose top-1 probability is below this: 1.0 (the reference's
+    run_writeout.py) logs every step; 0.3 keeps only the uncertain ones."""
     low_probability: float = 0.1
     """Second log: the chosen token's rank at steps where its own probability is below this."""
 

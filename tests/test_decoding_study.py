@@ -298,7 +298,8 @@ def test_analysis_merges_by_id_and_sample_not_by_position(tmp_path, capsys):
     samples_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     ranks_path.write_text("".join(json.dumps(line) + "\n" for line in reversed(lines)))  # another order
     result = run_main(["analyze", "--samples", str(samples_path), "--ranks", str(ranks_path),
-                       "--output_dir", str(tmp_path / "out"), "--max_ranks", "[1, 3]"])  # fmt: skip
+                       "--output_dir", str(tmp_path / "out"), "--vote_thresholds", "[1, 3]", "--vote_filter", "max",
+                       "--vote_fallback", "true", "--rank_counting", "sequences"])  # fmt: skip
     assert result == 0
     analysis = json.loads((tmp_path / "out/analysis.json").read_text())
     assert analysis["overall"] == {"sequences": 6, "accuracy": 0.5}
@@ -315,7 +316,7 @@ def test_analysis_merges_by_id_and_sample_not_by_position(tmp_path, capsys):
     assert analysis["by_max_rank"][">10"] == {"sequences": 1, "accuracy": 0.0}
     votes = analysis["majority_vote"]
     assert votes["all samples"]["accuracy"] == 0.5  # a: "1" wins (right); b: "6" wins (wrong)
-    assert votes["max rank <= 1"] == {"accuracy": 1.0, "coverage": 1.0}  # a: samples 0, 2; b: sample 0 only
+    assert votes["max rank <= 1"] == {"accuracy": 1.0, "questions": 2, "coverage": 1.0}  # a: 0, 2; b: 0 only
     for name in ("accuracy_vs_logged_steps.png", "accuracy_per_sampled_rank.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     assert "by sampled rank" in capsys.readouterr().out
@@ -323,6 +324,40 @@ def test_analysis_merges_by_id_and_sample_not_by_position(tmp_path, capsys):
     ranks_path.write_text(ranks_path.read_text() + json.dumps({"id": "zz", "sample": 0, "low_confidence_ranks": []}))
     assert run_main(["analyze", "--samples", str(samples_path), "--ranks", str(ranks_path), "--output_dir", "x"]) == 2
     assert f"{ranks_path}:7: id 'zz'" in capsys.readouterr().err
+
+
+def test_analysis_defaults_are_the_reference_semantics(tmp_path):
+    """merge_low_conf_ranks_seq.py: per-rank accuracy counts every logged occurrence; the conditioned majority vote
+    keeps samples whose mean logged rank is <= T (none logged: left out) and leaves out questions without one."""
+    rows = [
+        {"id": "a", "predictions": ["1", "2", "1"], "samples_correct": [True, False, True]},
+        {"id": "b", "predictions": ["5", "6", "6"], "samples_correct": [True, False, False]},
+        {"id": "c", "predictions": ["7", "8", "8"], "samples_correct": [True, False, False]},
+    ]
+    ranks = {("a", 0): [1, 1], ("a", 1): [4], ("a", 2): [], ("b", 0): [1], ("b", 1): [12, 2], ("b", 2): [3],
+             ("c", 0): [5, 5], ("c", 1): [2, 2], ("c", 2): [6]}  # fmt: skip
+    lines = [{"id": i, "sample": s, "low_confidence_ranks": r} for (i, s), r in ranks.items()]
+    samples_path, ranks_path = tmp_path / "samples.jsonl", tmp_path / "ranks.jsonl"
+    samples_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ranks_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["analyze", "--samples", str(samples_path), "--ranks", str(ranks_path), "--output_dir", str(tmp_path / "o")]
+    assert run_main(args) == 0
+    analysis = json.loads((tmp_path / "o/analysis.json").read_text())
+    by_rank = analysis["by_sampled_rank"]
+    # rank 1: a0 twice (right) and b0 once (right); rank 2: b1 (wrong) and c1 twice (wrong); rank 5: c0 twice (right)
+    assert by_rank["1"] == {"occurrences": 3, "accuracy": 1.0} and by_rank["2"] == {"occurrences": 3, "accuracy": 0.0}
+    assert by_rank["5"] == {"occurrences": 2, "accuracy": 1.0} and by_rank["10+"] == {"occurrences": 1, "accuracy": 0.0}
+    votes = analysis["majority_vote"]
+    # mean <= 2: a keeps a0 ("1", right), b keeps b0 ("5", right), c keeps c1 ("8", wrong): 2 of 3
+    assert votes["mean rank <= 2"] == {"accuracy": 2 / 3, "questions": 3, "coverage": 1.0}
+    # mean <= 1: a keeps a0, b keeps b0, c keeps nothing and is left out: 2 of 2
+    assert run_main([*args, "--vote_thresholds", "[1]"]) == 0
+    votes = json.loads((tmp_path / "o/analysis.json").read_text())["majority_vote"]
+    assert votes["mean rank <= 1"] == {"accuracy": 1.0, "questions": 2, "coverage": 2 / 3}
+    # with our fallback c votes over all its samples ("8" wins: wrong): 2 of 3
+    assert run_main([*args, "--vote_thresholds", "[1]", "--vote_fallback", "true"]) == 0
+    votes = json.loads((tmp_path / "o/analysis.json").read_text())["majority_vote"]
+    assert votes["mean rank <= 1"] == {"accuracy": 2 / 3, "questions": 3, "coverage": 2 / 3}
 
 
 # ------------------------------------------------------------------------------------- embedded model, end to end
