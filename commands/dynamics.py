@@ -27,23 +27,33 @@ from evaluation.likelihood import (
     score_pool,
     settings_record,
 )
-from models.checkpoints import Checkpoint, CheckpointModels, discover_checkpoints, recorded_backbone
+from models.checkpoints import (
+    BASE_NAME,
+    Checkpoint,
+    CheckpointModels,
+    base_model,
+    checkpoint_stamp,
+    describe_checkpoint,
+    discover_checkpoints,
+)
 from models.loading import ModelSpec, load_tokenizer
-from models.trust import check_recorded_backbone
 
 log = logging.getLogger(__name__)
 
 
 def dynamics(
-    folder: str,
-    pool: str,
+    folder: str | None = None,
+    pool: str | None = None,
     model: ModelSpec | None = None,
     scoring: ScoringSpec | None = None,
     output: str | None = None,
     types: list[str] | None = None,
     device: str = "auto",
+    checkpoint: str | None = None,
+    with_base: bool = False,
 ) -> dict:
-    """Score a typed sample pool with the base model (step 0) and every checkpoint in FOLDER.
+    """Score a typed sample pool with the base model (step 0) and every checkpoint in FOLDER, or with ONE
+    checkpoint (`--checkpoint`).
 
     Checkpoints: HF `checkpoint-<N>/` folders (full or LoRA adapter), `epoch_<N>/` exports and Lightning
     `*.ckpt` files (also under `checkpoints/`), in step order. A checkpoint that cannot be read (e.g. a
@@ -52,6 +62,10 @@ def dynamics(
     Args:
         folder: the run folder holding the checkpoints.
         pool: the sample pool, a JSON list (or JSONL) of {"instruction", "input", "output", "type"}.
+        checkpoint: instead of a folder, one checkpoint (a `.ckpt`, an `epoch_N/` export, an HF `checkpoint-N/`
+            or any HF model or adapter folder); the output is one JSON file (`--output`, default
+            `<checkpoint>.dynamics.json` beside it) in summary.json's format.
+        with_base: with `--checkpoint`, also score the base model (step 0).
         model: the base model (step 0, and the base of adapter checkpoints); None = the embedded default. A run
             recorded on another backbone is refused until its base model is given here.
         scoring: prompt format, response-only or all-token scoring, batch size, head chunk size.
@@ -59,8 +73,12 @@ def dynamics(
         types: score only these sample types (None = all).
         device: cpu, cuda, or auto (cuda when available).
     """
+    if (folder is None) == (checkpoint is None) or pool is None:
+        raise UserInputError("dynamics: give --pool and either --folder (a run) or --checkpoint (one checkpoint)")
     scoring = scoring or ScoringSpec()
     samples = load_pool(pool, types)
+    if checkpoint is not None:
+        return score_one_checkpoint(describe_checkpoint(checkpoint), samples, model, scoring, output, with_base, device)
     discovery = discover_checkpoints(folder)
     for problem in discovery.problems:
         log.warning("skipped %s: %s", problem["checkpoint"], problem["reason"])
@@ -98,32 +116,30 @@ def dynamics(
     return summary
 
 
-def base_model(model: ModelSpec | None, checkpoints: list[Checkpoint]) -> ModelSpec:
-    """The base model: the user's (`--model`, default the embedded model), checked against what the run's first
-    checkpoint records (a request for remote code is refused, see `models.trust`). Without `--model`, a run
-    recorded on another backbone is one line saying which `--model.name` to give: a file never chooses it."""
-    user = model or ModelSpec()
-    for checkpoint in checkpoints:
-        recorded = recorded_backbone(checkpoint)
-        if recorded is None:
-            continue
-        source = f"checkpoint '{checkpoint.path}'"
-        check_recorded_backbone(recorded, user, source)
-        if model is None and recorded.get("name") != user.name:
-            raise UserInputError(
-                f"{source} was trained on '{recorded.get('name')}': give its base model with --model.name "
-                "(the base model is never taken from a file)"
-            )
-        break
-    return user
-
-
-def checkpoint_stamp(checkpoint: Checkpoint) -> list | None:
-    """Size and modification time of a checkpoint's files: a checkpoint written again is scored again."""
-    if checkpoint.path is None:
-        return None
-    files = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.path.iterdir())
-    return [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()]
+def score_one_checkpoint(
+    checkpoint: Checkpoint,
+    samples: list,
+    model: ModelSpec | None,
+    scoring: ScoringSpec,
+    output: str | None,
+    with_base: bool,
+    device: str,
+) -> dict:
+    """`dynamics --checkpoint`: one checkpoint (and the base model when asked) into one JSON file."""
+    base = Checkpoint(BASE_NAME, 0, None, "base")
+    backbone = base_model(model, [checkpoint])
+    settings = {**settings_record(scoring, samples), "base_model": backbone.name}
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models, tokenizer = CheckpointModels(backbone, device), load_tokenizer(backbone)
+    chosen = [base, checkpoint] if with_base else [checkpoint]
+    records = [score_checkpoint(models, tokenizer, item, samples, scoring, settings) for item in chosen]
+    header = {"checkpoint": str(checkpoint.path), "base_model": asdict(backbone), "settings": settings, "skipped": []}
+    summary = build_summary(records, header)
+    path = Path(output) if output else checkpoint.path.with_name(checkpoint.path.name + ".dynamics.json")
+    write_json_atomic(path, summary)
+    print(f"Dynamics of {checkpoint.name}{' and the base model' if with_base else ''}: {path}")
+    return summary
 
 
 def reusable_record(path: Path, settings: dict, checkpoint: Checkpoint) -> dict | None:

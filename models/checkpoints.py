@@ -30,10 +30,11 @@ from core.errors import UserInputError
 from models.adapters import LoraSpec
 from models.loader import from_lightning_checkpoint, load_trained
 from models.loading import ModelSpec, load_model
-from models.trust import as_mapping
+from models.trust import as_mapping, check_recorded_backbone
 
 BASE_NAME = "base_model"
 KIND_ORDER = {"lightning": 0, "export": 1, "hf": 2}
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+|epoch_\d+")
 
 
 @dataclass(frozen=True)
@@ -60,22 +61,14 @@ def discover_checkpoints(folder: str | Path) -> Discovery:
     if not folder.is_dir():
         raise UserInputError(f"checkpoint folder '{folder}' does not exist")
     found, problems = [], []
-    for path in sorted(folder.iterdir()):
-        try:
-            if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name)):
-                _check_model_folder(path)
-                found.append(Checkpoint(path.name, int(match.group(1)), path, "hf"))
-            elif path.is_dir() and re.fullmatch(r"epoch_\d+", path.name):
-                _check_model_folder(path)
-                found.append(Checkpoint(path.name, _export_step(path), path, "export"))
-        except UserInputError as error:
-            problems.append({"checkpoint": path.name, "reason": str(error)})
+    folders = [path for path in sorted(folder.iterdir()) if path.is_dir() and CHECKPOINT_FOLDER.fullmatch(path.name)]
     ckpt_files = {path.resolve(): path for path in [*folder.glob("*.ckpt"), *folder.glob("checkpoints/*.ckpt")]}
-    for resolved, path in sorted(ckpt_files.items(), key=lambda item: item[1].name):
+    files = sorted(ckpt_files.items(), key=lambda item: item[1].name)
+    for path, name in [(path, path.name) for path in folders] + [(resolved, path.name) for resolved, path in files]:
         try:
-            found.append(Checkpoint(resolved.name, _lightning_step(resolved), resolved, "lightning"))
+            found.append(describe_checkpoint(path))
         except UserInputError as error:
-            problems.append({"checkpoint": path.name, "reason": str(error)})
+            problems.append({"checkpoint": name, "reason": str(error)})
     if not found and not problems:
         raise UserInputError(
             f"no checkpoints in '{folder}' (looked for checkpoint-<N>/, epoch_<N>/, *.ckpt and checkpoints/*.ckpt)"
@@ -85,6 +78,24 @@ def discover_checkpoints(folder: str | Path) -> Discovery:
         by_step.setdefault(checkpoint.step, checkpoint)
     base = Checkpoint(BASE_NAME, 0, None, "base")
     return Discovery([base, *(c for step, c in sorted(by_step.items()) if step != 0)], problems)
+
+
+def describe_checkpoint(path: str | Path) -> Checkpoint:
+    """One checkpoint named by its path: a Lightning `.ckpt` (links named by their target), an `epoch_<N>/` export,
+    an HF `checkpoint-<N>/` folder, or any other HF model or adapter folder (step from its training_info.json,
+    else 0). Not a readable checkpoint: one UserInputError naming it."""
+    path = Path(path)
+    if path.is_file():
+        resolved = path.resolve()
+        return Checkpoint(resolved.name, _lightning_step(resolved), resolved, "lightning")
+    if not path.is_dir():
+        raise UserInputError(f"checkpoint '{path}' does not exist")
+    _check_model_folder(path)
+    if match := re.fullmatch(r"checkpoint-(\d+)", path.name):
+        return Checkpoint(path.name, int(match.group(1)), path, "hf")
+    if re.fullmatch(r"epoch_\d+", path.name):
+        return Checkpoint(path.name, _export_step(path), path, "export")
+    return Checkpoint(path.name, _export_step(path) if (path / "training_info.json").is_file() else 0, path, "hf")
 
 
 def _check_model_folder(path: Path) -> None:
@@ -121,6 +132,34 @@ def recorded_backbone(checkpoint: Checkpoint) -> dict | None:
     else:
         return None
     return as_mapping(backbone) if backbone is not None else None
+
+
+def base_model(model: ModelSpec | None, checkpoints: list[Checkpoint]) -> ModelSpec:
+    """The base model: the user's (`--model`, default the embedded model), checked against what the run's first
+    checkpoint records (a request for remote code is refused, see `models.trust`). Without `--model`, a run
+    recorded on another backbone is one line saying which `--model.name` to give: a file never chooses it."""
+    user = model or ModelSpec()
+    for checkpoint in checkpoints:
+        recorded = recorded_backbone(checkpoint)
+        if recorded is None:
+            continue
+        source = f"checkpoint '{checkpoint.path}'"
+        check_recorded_backbone(recorded, user, source)
+        if model is None and recorded.get("name") != user.name:
+            raise UserInputError(
+                f"{source} was trained on '{recorded.get('name')}': give its base model with --model.name "
+                "(the base model is never taken from a file)"
+            )
+        break
+    return user
+
+
+def checkpoint_stamp(checkpoint: Checkpoint) -> list | None:
+    """Size and modification time of a checkpoint's files: a checkpoint written again is scored again."""
+    if checkpoint.path is None:
+        return None
+    files = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.path.iterdir())
+    return [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()]
 
 
 class CheckpointModels:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,31 @@ def test_generated_solutions_feed_the_selection(tiny_llama, tmp_path):
     for name in ("high", "low", "rand"):
         chosen = [json.loads(line) for line in (out / f"train_{name}.jsonl").read_text().splitlines()]
         assert all(row["output"] in rows[i]["completions"] for i, row in enumerate(chosen))
+
+
+def test_one_checkpoint_equals_its_entry_in_the_all_checkpoints_output(hf_run, tiny_llama, pool, tmp_path, capsys):
+    """`dynamics --checkpoint` scores one checkpoint (no base model unless asked) into one file, with the same
+    numbers the whole-run command gives it; any model folder will do (seed 001's calculate_llh.py)."""
+    spec = ModelSpec(name=str(tiny_llama))
+    full = dynamics(str(hf_run), str(pool), model=spec, output=str(tmp_path / "all"))
+    for name in ("checkpoint-6", "epoch_1"):  # a LoRA adapter swapped into the base, and a full export
+        one = dynamics(pool=str(pool), checkpoint=str(hf_run / name), model=spec)
+        written = json.loads((hf_run / f"{name}.dynamics.json").read_text())
+        assert (
+            written == one
+            and one["checkpoints"] == [name]
+            and one["steps"] == [full["steps"][full["checkpoints"].index(name)]]
+        )
+        index = full["checkpoints"].index(name)
+        for kind, metrics in one["results_by_type"].items():
+            for metric in TAGS:
+                assert metrics[metric][0] == pytest.approx(full["results_by_type"][kind][metric][index], rel=1e-6)
+    copied = tmp_path / "another-groups-model"  # a plain model folder under any name
+    shutil.copytree(hf_run / "checkpoint-2", copied)
+    both = dynamics(pool=str(pool), checkpoint=str(copied), model=spec, with_base=True, output=str(tmp_path / "b.json"))
+    assert both["checkpoints"] == ["base_model", "another-groups-model"] and both["steps"] == [0, 0]
+    assert both["results_by_type"]["a"]["log_likelihood"][1] == pytest.approx(
+        full["results_by_type"]["a"]["log_likelihood"][full["checkpoints"].index("checkpoint-2")], rel=1e-6
+    )
+    assert run_main(["dynamics", "--pool", str(pool)]) == 2
+    assert "either --folder (a run) or --checkpoint" in capsys.readouterr().err
