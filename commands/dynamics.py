@@ -8,7 +8,6 @@ an interrupted run recomputes nothing already written.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -35,6 +34,7 @@ from models.checkpoints import (
     checkpoint_stamp,
     describe_checkpoint,
     discover_checkpoints,
+    reusable_record,
 )
 from models.loading import ModelSpec, load_tokenizer
 
@@ -140,18 +140,6 @@ def score_one_checkpoint(
     write_json_atomic(path, summary)
     print(f"Dynamics of {checkpoint.name}{' and the base model' if with_base else ''}: {path}")
     return summary
-
-
-def reusable_record(path: Path, settings: dict, checkpoint: Checkpoint) -> dict | None:
-    """A per-checkpoint result already written with the same settings from the same files, or None."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = record.get("settings") == settings and record.get("stamp") == checkpoint_stamp(checkpoint)
-    return record if same else None
 
 
 def score_checkpoint(

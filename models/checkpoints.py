@@ -162,6 +162,18 @@ def checkpoint_stamp(checkpoint: Checkpoint) -> list | None:
     return [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()]
 
 
+def reusable_record(path: Path, settings: dict, checkpoint: Checkpoint) -> dict | None:
+    """A per-checkpoint result already written with the same settings from the same files, or None."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = record.get("settings") == settings and record.get("stamp") == checkpoint_stamp(checkpoint)
+    return record if same else None
+
+
 class CheckpointModels:
     """Models for scoring, in eval mode on `device`: the base model, adapter checkpoints swapped into it,
     or a full checkpoint loaded on its own (released after use)."""
