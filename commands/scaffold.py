@@ -255,7 +255,7 @@ def plan_run(
             path = control_dir / "eval" / f"{task_name}_base.slurm"
             files |= eval_script(
                 path, f"eval-{task_name}-{run.name}-base", backbone, task_name, data_path,
-                eval_resources, settings, evaluator, run_dir / "config.yaml",
+                eval_resources, settings, evaluator, run_dir / "config.yaml", base_control=True,
             )  # fmt: skip
             controls.append(path)
     log_dirs = [run_dir / "eval" / "logs"] + ([control_dir / "eval" / "logs"] if base_controls else [])
@@ -361,9 +361,11 @@ def eval_script(
     settings: Settings,
     evaluator: str,
     run_config: Path,
+    base_control: bool = False,
 ) -> dict[Path, str]:
     """One evaluation job (the script, and for inspect its task arguments): the model at `model_path` on
-    `data_path`, logs in the script's eval/logs/."""
+    `data_path`, logs in the script's eval/logs/. A base control evaluates the backbone as it is: no planning
+    tokens added, no planning prefix after the prompt (the run's prompt and data otherwise)."""
     eval_dir, config = path.parent, settings.config
     header = sbatch_header(job, eval_dir / "slurm-%j.out", settings.slurm.eval_time, resources, settings)
     if evaluator == "cli":
@@ -373,6 +375,7 @@ def eval_script(
                 f"DATA_PATH={q(data_path)}",
                 f"srun python {q(REPO / 'cli.py')} test --config {q(run_config)} \\",
                 '  --model.init_args.backbone.name "$MODEL_PATH" --model.init_args.mode full \\',
+                *(["  --model.init_args.planning.method none \\"] if base_control else []),
                 f'  --data.task {task_name} --data.test_path "$DATA_PATH" \\',
                 "  --trainer.devices 1 --trainer.num_nodes 1 --trainer.strategy auto \\",
                 f"  --trainer.logger.init_args.save_dir {q(eval_dir / 'logs')} \\",

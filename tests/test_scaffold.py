@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
+from transformers import AutoTokenizer
 
 from cli import build_cli
 from commands.scaffold import RESOURCES_BY_SIZE, model_size, resources_for
+from tasks.prompts import PromptFormatter
 from tests.test_cli import REPO, run_main
 from tests.test_slurm import fake_commands
 
@@ -252,3 +258,31 @@ def test_inspect_scorer_removes_the_checkpoints_planning_tokens(tmp_path):
     without = asyncio.run(answer_scorer("gsm8k")(state, target))
     assert (with_planning.value, with_planning.answer) == ("C", "18")
     assert without.answer != "18"  # read raw, the planning token splits the number
+
+
+def script_command(script: Path, program: str) -> list[str]:
+    """The arguments after `program` of the script's srun line (continuations joined, its variables filled)."""
+    text = script.read_text().replace("\\\n", " ")
+    variables = dict(re.findall(r"^(\w+)=(.*)$", text, flags=re.MULTILINE))
+    line = next(line for line in text.splitlines() if line.startswith("srun "))
+    for name, value in variables.items():
+        line = line.replace(f'"${name}"', value)
+    words = shlex.split(line)
+    return words[next(i for i, word in enumerate(words) if word.endswith(program)) + 1 :]
+
+
+def test_base_control_evaluates_the_untouched_model_with_the_runs_prompt(tiny_llama, tmp_path):
+    """The seed's base controls: the same data and prompt "for fair comparison", and the base model as it is (the
+    run's planning tokens are neither added to it nor appended to its prompt)."""
+    runs = [{"name": "r", "configs": GSM8K_FIT, "overrides": [f"--model.init_args.backbone.name={tiny_llama}"]}]
+    assert run_main(scaffold_args(tmp_path / "exp", runs)) == 0
+    base = build_cli(script_command(tmp_path / "exp/r_base/eval/gsm8k_base.slurm", "cli.py")[1:], run=False)
+    run_config = yaml.safe_load((tmp_path / "exp/r/config.yaml").read_text())
+    assert run_config["model"]["init_args"]["planning"]["method"] == "arithmetic"  # the run trains planning tokens
+    untouched = AutoTokenizer.from_pretrained(tiny_llama)
+    assert not base.model.planning.active and len(base.model.tokenizer) == len(untouched)
+    assert asdict(base.datamodule.prompt) == run_config["data"]["prompt"]  # the run's prompt
+    base.datamodule.setup("test")
+    batch = next(iter(base.datamodule.test_dataloader()))
+    ids = batch["prompt_ids"][0][batch["prompt_mask"][0].bool()].tolist()
+    assert ids == PromptFormatter(untouched, base.datamodule.prompt).encode_prompt(batch["question"][0])
