@@ -17,6 +17,7 @@ import datasets
 
 from core.errors import UserInputError
 from core.records import read_json_records
+from tasks.scoring import extract_boxed
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 T = TypeVar("T")
@@ -48,7 +49,12 @@ def _gsm8k(record: dict, row_id: str) -> Example:
 
 
 def _math(record: dict, row_id: str) -> Example:
-    return Example(record.get("unique_id") or row_id, record["problem"], record["solution"], record["answer"])
+    """MATH-500 rows carry "answer"; MATH12K-style rows ("problem", "solution") have it as the solution's last
+    \\boxed{}."""
+    answer = record.get("answer") or extract_boxed(record["solution"])
+    if not answer:
+        raise UserInputError("no 'answer' field and no \\boxed{} answer in 'solution'")
+    return Example(record.get("unique_id") or row_id, record["problem"], record["solution"], str(answer))
 
 
 def _aqua(record: dict, row_id: str) -> Example:
@@ -76,7 +82,7 @@ TASKS = {
         ("question", "answer"),
         _gsm8k,
     ),
-    "math": Task("math", "math", {"test": DATA_DIR / "math500/test.jsonl"}, ("problem", "solution", "answer"), _math),
+    "math": Task("math", "math", {"test": DATA_DIR / "math500/test.jsonl"}, ("problem", "solution"), _math),
     "aqua": Task(
         "aqua", "aqua", {"test": DATA_DIR / "aqua/test.jsonl"}, ("question", "options", "rationale", "correct"), _aqua
     ),
@@ -122,7 +128,10 @@ def load_examples(task: Task, source: str | None, split: str, hub_subset: str | 
         missing = [field for field in task.fields if record.get(field) in (None, "")]
         if missing:
             raise UserInputError(f"{where(index)}: missing field {', '.join(repr(m) for m in missing)}")
-        examples.append(task.to_example(record, f"{split}-{index}"))
+        try:
+            examples.append(task.to_example(record, f"{split}-{index}"))
+        except UserInputError as error:  # a record the task cannot use: named by its place
+            raise UserInputError(f"{where(index)}: {error}") from None
     return examples
 
 
