@@ -3,7 +3,8 @@
 Scores every candidate answer of every question under a model and keeps, per question, the answer with
 the highest log-likelihood, the lowest, and a seeded random one, as three training sets in the instruction
 format {"instruction", "input", "output"} (`train_high.jsonl`, `train_low.jsonl`, `train_rand.jsonl`),
-plus `scores.jsonl` (every candidate's metrics) and `selection.json` (settings and counts).
+plus `scores.jsonl` (every candidate's metrics) and `selection.json` (settings and counts); with
+`pool_questions`, also `pool.json`, a dynamics pool with the seed's types (`commands/pool.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from commands.pool import SEED_INSTRUCTION, selection_pool
 from core.errors import UserInputError
 from core.io import check_output_folder, write_json_atomic, write_jsonl_atomic
 from core.records import read_json_records
@@ -22,8 +24,6 @@ from evaluation.likelihood import ScoringSpec, score_texts
 from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.examples import TASKS
-
-SEED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def read_candidates(path: str, instruction: str) -> list[dict]:
@@ -72,6 +72,8 @@ def select(
     scoring: ScoringSpec | None = None,
     seed: int = 0,
     device: str = "auto",
+    pool_questions: int = 0,
+    pool_random: int = 5,
 ) -> dict:
     """Write the highest-, lowest- and random-likelihood answer per question as three training sets.
 
@@ -88,8 +90,17 @@ def select(
         scoring: prompt format (recorded in selection.json), batch size, head chunk size.
         seed: seed of the random choice.
         device: cpu, cuda, or auto (cuda when available).
+        pool_questions: also write pool.json, a likelihood-dynamics pool of this many selected questions (a seeded
+            subset; 0 = none) with the seed's types: high_llh_train, low_llh_train (the answers train_high /
+            train_low hold), rand_llh_train1 (train_rand's) and rand_llh_train2..`pool_random` (further seeded
+            draws from the question's other finite-likelihood candidates, while there are any).
+        pool_random: how many rand_llh_train<i> types (at least 1).
     """
     model, scoring = model or ModelSpec(), scoring or ScoringSpec()
+    if pool_questions < 0 or pool_random < 1:
+        raise UserInputError(
+            f"select: pool_questions must be >= 0 and pool_random >= 1, got {pool_questions}, {pool_random}"
+        )
     check_output_folder(output_dir, "select --output_dir")
     groups = read_candidates(candidates, instruction)
     pairs, owners, empty = [], [], 0
@@ -117,6 +128,7 @@ def select(
             scored[owner].append((result.log_likelihood, candidate))
     rng = random.Random(seed)
     sets: dict[str, list[dict]] = {"high": [], "low": [], "rand": []}
+    kept = []
     for group, options in zip(groups, scored, strict=True):
         if not options:
             continue
@@ -124,15 +136,19 @@ def select(
         chosen = {"high": ranked[-1][1], "low": ranked[0][1], "rand": rng.choice(options)[1]}
         for name, output in chosen.items():
             sets[name].append({**group["record"], "output": output})
+        kept.append({"record": group["record"], **chosen, "options": [output for _, output in options]})
     out = Path(output_dir)
     for name, rows in sets.items():
         write_jsonl_atomic(out / f"train_{name}.jsonl", rows)
     write_jsonl_atomic(out / "scores.jsonl", score_rows)
+    if pool_questions:
+        write_json_atomic(out / "pool.json", selection_pool(kept, pool_questions, pool_random, seed))
     summary = {
         "candidates_file": str(candidates),
         "model": asdict(model),
         "checkpoint": checkpoint,
         "settings": {"prompt": asdict(scoring.prompt), "score": scoring.score, "seed": seed},
+        "pool": {"questions": pool_questions, "random_types": pool_random} if pool_questions else None,
         "questions": len(groups),
         "selected_questions": len(sets["high"]),
         "skipped_questions": len(groups) - len(sets["high"]),
