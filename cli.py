@@ -63,6 +63,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "traces": ("commands.traces:traces", "top-k traces of a frozen teacher-forced pass over gold responses"),
     "calibrate": ("commands.calibrate:calibrate", "calibration grid, power-law fit and decoding configs from traces"),
     "analyze": ("commands.analyze:analyze", "rank logs merged with evaluation samples: accuracy vs rank"),
+    "confidence_bins": (
+        "commands.confidence_bins:confidence_bins",
+        "majority-voted accuracy vs k for each confidence bin (one test run per confidence_bin_only value)",
+    ),
     "dynamics": ("commands.dynamics:dynamics", "likelihood dynamics of a sample pool over every checkpoint of a run"),
     "select": ("commands.select:select", "keep the highest / lowest / a random-likelihood answer per question"),
     "pool": ("commands.pool:pool", "a dynamics pool with the seed's type names from predict / test outputs"),
