@@ -69,6 +69,27 @@ def _tagged(record: dict, row_id: str) -> Example:
     return Example(str(record.get("id", row_id)), record["question"], response, str(record["answer"]))
 
 
+def _multiple_choice(letters: str) -> Callable[[dict, str], Example]:
+    """Tagged-step records with "choices" (a list, or {"text": [...]} as on the hub) and an answer letter: the
+    prompt lists the choices with their letters ("(A) ..." a line)."""
+
+    def to_example(record: dict, row_id: str) -> Example:
+        choices = record["choices"]["text"] if isinstance(record["choices"], dict) else record["choices"]
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(letters):
+            raise UserInputError(f"'choices' must be a list of 2 to {len(letters)} choices")
+        if not all(isinstance(choice, str) and choice.strip() for choice in choices):
+            raise UserInputError("'choices' must be non-empty strings")
+        answer = str(record["answer"]).strip().strip("()").upper()
+        if answer not in letters[: len(choices)]:
+            last = letters[len(choices) - 1]
+            raise UserInputError(f"'answer' {record['answer']!r} is not one of the choice letters A-{last}")
+        listed = "\n".join(f"({letter}) {choice.strip()}" for letter, choice in zip(letters, choices, strict=False))
+        tagged = _tagged(record, row_id)
+        return Example(tagged.id, f"{record['question']}\nAnswer Choices:\n{listed}", tagged.response, answer)
+
+    return to_example
+
+
 def _instruction(record: dict, row_id: str) -> Example:
     question = "\n\n".join(part for part in (record.get("instruction"), record.get("input")) if part)
     return Example(str(record.get("id", row_id)), question, record["output"], str(record.get("answer", "")))
@@ -94,6 +115,21 @@ TASKS = {
         {"train": DATA_DIR / "strategyqa_tagged/train.jsonl", "test": DATA_DIR / "strategyqa_tagged/test.jsonl"},
         ("question", "steps", "answer"),
         _tagged,
+    ),
+    # The same tagged steps with multiple-choice questions: CommonsenseQA (A-E) and TruthfulQA MC1 (A-N).
+    "commonsenseqa": Task(
+        "commonsenseqa",
+        "letters_a_e",
+        {"train": DATA_DIR / "commonsenseqa_tagged/train.jsonl", "test": DATA_DIR / "commonsenseqa_tagged/test.jsonl"},
+        ("question", "choices", "steps", "answer"),
+        _multiple_choice("ABCDE"),
+    ),
+    "truthfulqa_mc1": Task(
+        "truthfulqa_mc1",
+        "letters_a_n",
+        {"train": DATA_DIR / "truthfulqa_tagged/train.jsonl", "test": DATA_DIR / "truthfulqa_tagged/test.jsonl"},
+        ("question", "choices", "steps", "answer"),
+        _multiple_choice("ABCDEFGHIJKLMN"),
     ),
 }
 

@@ -182,37 +182,57 @@ def math_equivalent(predicted: str, gold: str) -> bool:
     return math_verify_equivalent(predicted, gold)
 
 
-# ----------------------------------------------------------------------------------------------- aqua
-_LETTER = r"\(?([A-E])\)?(?![A-Za-z0-9])"
-_AQUA_PHRASE_RES = [
-    re.compile(
-        r"\b(?i:answer|ans)(?:\s*(?i:is|will\s+be|would\s+be|:|=|-|,))*\s*(?i:options?|choice)?\s*[:.]?\s*" + _LETTER
-    ),
-    re.compile(r"\b(?i:option|choice)\s*(?i:is)?\s*[:=]?\s*" + _LETTER),
-    re.compile(r"(?<![A-Za-z])" + _LETTER + r"\s+(?i:is\s+(?:the\s+)?(?:correct|right)?\s*(?:answer|option|choice))"),
-]
-_AQUA_FALLBACK_RES = [
-    re.compile(r"(?:^|\s)\(?([A-E])\)?\.?\s*$"),  # the text ends with a lone letter: "...\nThus A"
-    re.compile(r"\(([A-E])\)"),
-    re.compile(r"(?:^|\s)([A-E])\)"),
-]
+# ------------------------------------------------------------------------------- option letters (aqua)
+def _letter_patterns(letters: str) -> tuple[list[re.Pattern], list[re.Pattern]]:
+    """The phrase and fallback patterns of option letters in the range `letters` ("A-E", "A-N")."""
+    letter = rf"\(?([{letters}])\)?(?![A-Za-z0-9])"
+    phrases = [
+        re.compile(
+            r"\b(?i:answer|ans)(?:\s*(?i:is|will\s+be|would\s+be|:|=|-|,))*\s*(?i:options?|choice)?\s*[:.]?\s*" + letter
+        ),
+        re.compile(r"\b(?i:option|choice)\s*(?i:is)?\s*[:=]?\s*" + letter),
+        re.compile(
+            r"(?<![A-Za-z])" + letter + r"\s+(?i:is\s+(?:the\s+)?(?:correct|right)?\s*(?:answer|option|choice))"
+        ),
+    ]
+    fallbacks = [
+        re.compile(rf"(?:^|\s)\(?([{letters}])\)?\.?\s*$"),  # the text ends with a lone letter: "...\nThus A"
+        re.compile(rf"\(([{letters}])\)"),
+        re.compile(rf"(?:^|\s)([{letters}])\)"),
+    ]
+    return phrases, fallbacks
 
 
-def extract_aqua(text: str) -> str | None:
-    """Option letter A-E: the last 'answer is (C)'-like phrase, else \\boxed{}, else a final/last '(C)'."""
-    phrases = [match for pattern in _AQUA_PHRASE_RES for match in pattern.finditer(text)]
+_LETTER_RES = {letters: _letter_patterns(letters) for letters in ("A-E", "A-N")}
+
+
+def extract_letter(text: str, letters: str = "A-E") -> str | None:
+    """Option letter in `letters` ("A-E" or "A-N"): the last 'answer is (C)'-like phrase, else \\boxed{}, else a
+    final/last '(C)'."""
+    phrase_res, fallback_res = _LETTER_RES[letters]
+    phrases = [match for pattern in phrase_res for match in pattern.finditer(text)]
     if phrases:
         return max(phrases, key=lambda match: match.end()).group(1).upper()
-    if (boxed := extract_boxed(text)) is not None and (letter := re.search(r"[A-E]", boxed)):
+    if (boxed := extract_boxed(text)) is not None and (letter := re.search(f"[{letters}]", boxed)):
         return letter.group(0)
-    for pattern in _AQUA_FALLBACK_RES:
-        if letters := pattern.findall(text):
-            return letters[-1]
+    for pattern in fallback_res:
+        if found := pattern.findall(text):
+            return found[-1]
     return None
 
 
+def extract_aqua(text: str) -> str | None:
+    """Option letter A-E (AQuA, CommonsenseQA): see `extract_letter`."""
+    return extract_letter(text, "A-E")
+
+
+def extract_letter_a_n(text: str) -> str | None:
+    """Option letter A-N (TruthfulQA MC1, up to 14 choices): see `extract_letter`."""
+    return extract_letter(text, "A-N")
+
+
 def letters_equivalent(predicted: str, gold: str) -> bool:
-    """Case-insensitive option-letter equality."""
+    """Case-insensitive option-letter equality (any letter range: A-E, A-N)."""
     return predicted.strip().strip("()").upper() == gold.strip().strip("()").upper()
 
 
@@ -269,6 +289,8 @@ ANSWER_FORMATS: dict[str, AnswerFormat] = {
     "gsm8k": AnswerFormat("gsm8k", extract_gsm8k, numbers_equivalent),
     "math": AnswerFormat("math", extract_math, math_equivalent),
     "aqua": AnswerFormat("aqua", extract_aqua, letters_equivalent),
+    "letters_a_e": AnswerFormat("letters_a_e", extract_aqua, letters_equivalent),
+    "letters_a_n": AnswerFormat("letters_a_n", extract_letter_a_n, letters_equivalent),
     "boolean": AnswerFormat("boolean", extract_boolean, booleans_equivalent),
     "last_number": AnswerFormat("last_number", extract_last_number_plain, math_verify_expressions),
 }
