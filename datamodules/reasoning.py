@@ -47,11 +47,13 @@ class ReasoningDataModule(LightningDataModule):
 
     Args:
         task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records) |
-            strategyqa ({"question","steps","answer"} records, steps tagged [rag]/[memory]/[reason]).
+            strategyqa ({"question","steps","answer"} records, steps tagged [rag]/[memory]/[reason]) |
+            commonsenseqa / truthfulqa_mc1 (the same with "choices" and an answer letter, A-E / A-N).
         train_path: training data, a .json/.jsonl file or a hub id; None = the task's bundled train split.
         test_path: test data (test and predict), likewise; None = the task's bundled test split.
         hub_subset: the hub dataset's configuration name (e.g. "main" for openai/gsm8k).
-        answer_format: how answers are scored (gsm8k, math, aqua, boolean); None = the task's own.
+        answer_format: how answers are scored (gsm8k, math, aqua, letters_a_e, letters_a_n, boolean); None = the
+            task's own.
         prompt: how a question becomes a prompt (plain or chat template, system prompt).
         max_length: longest training sequence in tokens (prompt + response); longer ones are truncated.
         batch_size: training batch size per device.
