@@ -76,6 +76,7 @@ def plot(path: Path, result: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(9, 5.5))
     colors = plt.cm.tab10.colors
@@ -86,6 +87,7 @@ def plot(path: Path, result: dict) -> None:
     axis.set_ylabel("majority-voted accuracy")
     axis.set_title("Majority-voted accuracy vs number of samples by confidence bin")
     axis.set_xlim(1, max(result["k_values"][-1], 2))
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
     axis.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
