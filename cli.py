@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import core.quiet  # noqa: F401 - before any library that logs: drops known third-party noise (core/quiet.py)
+
 # PyTorch's CPU allocator: tensors of 2 MB and more page-aligned, on transparent huge pages where the kernel allows
 # (`madvise`). Read once, at torch's first allocation, so it is set before any import that loads torch. Measured by
 # benchmarks/train_throughput.py: a CPU LoRA step peaks ~1 GB lower (glibc's heap fragments less); packed steps run
@@ -39,7 +41,7 @@ from callbacks.run_summary import RunSummary
 from callbacks.samples import SampleWriter
 from callbacks.slurm import SlurmRequeue
 from core.checkpoint_file import read_checkpoint
-from core.config_errors import one_line
+from core.config_errors import one_line, yaml_syntax_error
 from core.errors import ReasoningLabError, UserInputError
 from core.io import check_inside, check_name, check_output_folder, missing_folders, remove_unused_run
 from datamodules.reasoning import ReasoningDataModule
@@ -100,7 +102,8 @@ class ReasoningLabCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            raise UserInputError(one_line(str(error), option_names(parser, self.argv))) from None
+            message = yaml_syntax_error(error, self.argv) or one_line(str(error), option_names(parser, self.argv))
+            raise UserInputError(message) from None
 
     def _parse_ckpt_path(self) -> None:
         """`--ckpt_path`: resolve `last`, read the file safely (one line when it is missing, truncated or holds
@@ -340,7 +343,8 @@ def run_command(name: str, args: list[str]) -> None:
     try:
         auto_cli(function, args=positional_words(function, args), as_positional=False, exit_on_error=False)
     except ArgumentError as error:
-        raise UserInputError(f"{name}: {one_line(str(error), list(inspect.signature(function).parameters))}") from None
+        message = yaml_syntax_error(error, args) or one_line(str(error), list(inspect.signature(function).parameters))
+        raise UserInputError(f"{name}: {message}") from None
 
 
 def positional_words(function: Callable, args: list[str]) -> list[str]:

@@ -8,12 +8,15 @@
 - Calibrated-TopK: for each bin from (0.9, 1] down to (0, 0.1], the largest rank whose acc > threshold (at
   least 1; 1 for a bin with fewer than `min_samples` positions): the 10 ints of `dynamic_top_k`.
 Outputs in `output_dir`: calibration.json, calibration_heatmap.png, and two configs to stack on an experiment
-(`--config calibrated_topk.yaml` / `--config calibrated_eps.yaml`) that set generation.decoding directly.
+(`--config calibrated_topk.yaml` / `--config calibrated_eps.yaml`) that set generation.decoding directly. They are
+written as one set (all or none); a fit with B <= 0 writes no calibrated_eps.yaml and removes an earlier run's.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -23,10 +26,11 @@ from tqdm import tqdm
 
 from commands.traces import open_text
 from core.errors import UserInputError
-from core.io import atomic_path, check_output_folder, write_json_atomic, write_text_atomic
+from core.io import check_output_folder, write_file_set
 from evaluation.decoding import DecodingSpec
 
 BINS = [f"({b / 10:.1f}, {(b + 1) / 10:.1f}]" for b in range(10)]
+OUTPUTS = ("calibration.json", "calibration_heatmap.png", "calibrated_topk.yaml", "calibrated_eps.yaml")
 
 
 def read_traces(path: Path, ranks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,12 +44,9 @@ def read_traces(path: Path, ranks: int) -> tuple[np.ndarray, np.ndarray]:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                    ids, values, gt = record["top_ids"], [float(p) for p in record["top_probs"]], record["gt"]
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                    raise UserInputError(
-                        f"{path}:{number}: not a trace line {{gt, top_ids, top_probs}} ({error})"
-                    ) from None
+                    ids, values, gt = trace_fields(line)
+                except ValueError as error:
+                    raise UserInputError(f"{path}:{number}: {error}") from None
                 if len(ids) != len(values) or len(ids) < ranks:
                     raise UserInputError(
                         f"{path}:{number}: {len(ids)} ids and {len(values)} probs, need {ranks} of each (ranks={ranks})"
@@ -61,6 +62,35 @@ def read_traces(path: Path, ranks: int) -> tuple[np.ndarray, np.ndarray]:
     if not probs:
         raise UserInputError(f"{path}: no trace lines")
     return np.asarray(probs, dtype=np.float64), np.asarray(gold)
+
+
+def trace_fields(line: str) -> tuple[list[int], list[float], int]:
+    """(top_ids, top_probs as floats, gt) of one trace line; ValueError naming the field at fault."""
+    shape = "not a trace line {gt, top_ids, top_probs}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{shape} ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{shape} (a JSON {type(record).__name__})")
+    if missing := [key for key in ("gt", "top_ids", "top_probs") if key not in record]:
+        raise ValueError(f"{shape} (missing {', '.join(repr(key) for key in missing)})")
+    ids, probs, gt = record["top_ids"], record["top_probs"], record["gt"]
+    if not isinstance(ids, list) or not all(is_token_id(i) for i in ids):
+        raise ValueError(f"field 'top_ids' must be a list of token ids, got {ids!r:.80}")
+    if not is_token_id(gt):
+        raise ValueError(f"field 'gt' must be a token id, got {gt!r:.80}")
+    try:
+        if not isinstance(probs, list):
+            raise TypeError
+        values = [float(p) for p in probs]  # numbers, or strings of them ("0.12345678", as traces writes them)
+    except (TypeError, ValueError):
+        raise ValueError(f"field 'top_probs' must be a list of probabilities, got {probs!r:.80}") from None
+    return ids, values, gt
+
+
+def is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def calibration_grid(probs: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,7 +140,8 @@ def decoding_config(decoding: dict, note: str) -> str:
     return f"# {note}\n# Stack it: python cli.py test --config configs/decoding_gsm8k.yaml --config THIS_FILE\n{body}"
 
 
-def heatmap(path: Path, acc: np.ndarray, counts: np.ndarray, title: str) -> None:
+def heatmap(acc: np.ndarray, counts: np.ndarray, title: str) -> bytes:
+    """The grid as a PNG (bytes): accuracy per top-1 bin and rank."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,9 +156,12 @@ def heatmap(path: Path, acc: np.ndarray, counts: np.ndarray, title: str) -> None
     axis.set_title(title)
     figure.colorbar(image, label="P(gold token at this rank)")
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    plt.close(figure)
+    png = io.BytesIO()
+    try:
+        figure.savefig(png, format="png", dpi=120)
+    finally:
+        plt.close(figure)
+    return png.getvalue()
 
 
 def calibrate(
@@ -142,16 +176,21 @@ def calibrate(
 
     Args:
         traces: a top-k traces JSONL (.gz allowed) written by `cli.py traces`.
-        output_dir: where calibration.json, calibration_heatmap.png and the two decoding configs go.
+        output_dir: where calibration.json, calibration_heatmap.png and the two decoding configs go (as one set;
+            with B <= 0 no calibrated_eps.yaml, and an earlier run's is removed).
         ranks: K, the ranks of the grid (at most the traces' k).
         threshold: Calibrated-TopK keeps ranks whose accuracy is > this; also the cal_acc threshold.
         min_samples: a bin with fewer positions gets k = 1.
-        temperature: the sampling temperature the written decoding configs use.
+        temperature: the sampling temperature the written decoding configs use (finite, > 0).
     """
     if not isinstance(ranks, int) or ranks < 1:
         raise UserInputError(f"calibrate: ranks must be an integer >= 1, got {ranks}")
     if not 0 < threshold < 1:
         raise UserInputError(f"calibrate: threshold must be in (0, 1), got {threshold}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserInputError(
+            f"calibrate: temperature must be a finite number > 0 (the configs sample), got {temperature}"
+        )
     check_output_folder(output_dir, "calibrate --output_dir")
     probs, gold = read_traces(Path(traces), ranks)
     grid = calibration_grid(probs, gold)
@@ -169,23 +208,25 @@ def calibrate(
         "threshold": threshold,
         "dynamic_top_k": top_k,
     }
-    write_json_atomic(out / "calibration.json", summary)
-    heatmap(out / "calibration_heatmap.png", grid["acc"], grid["counts"], f"{Path(traces).name}: P(gold at rank)")
     source = f"from {traces} (threshold {threshold})"
-    write_text_atomic(
-        out / "calibrated_topk.yaml",
-        decoding_config({"temperature": temperature, "dynamic_top_k": top_k}, f"Calibrated-TopK {source}"),
-    )
+    outputs = {
+        "calibration.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+        "calibration_heatmap.png": heatmap(grid["acc"], grid["counts"], f"{Path(traces).name}: P(gold at rank)"),
+        "calibrated_topk.yaml": decoding_config(
+            {"temperature": temperature, "dynamic_top_k": top_k}, f"Calibrated-TopK {source}"
+        ),
+    }
     if b > 0:
-        write_text_atomic(
-            out / "calibrated_eps.yaml",
-            decoding_config(
-                {"temperature": temperature, "cal_acc": [round(a, 6), round(b, 6), threshold]},
-                f"Calibrated-epsilon {source}",
-            ),
+        outputs["calibrated_eps.yaml"] = decoding_config(
+            {"temperature": temperature, "cal_acc": [round(a, 6), round(b, 6), threshold]},
+            f"Calibrated-epsilon {source}",
         )
-    else:
-        print(f"fit slope B = {b:.4f} <= 0: no calibrated_eps.yaml (cal_acc needs B > 0)")
+    # One set, all or none: a failure above wrote nothing; an earlier run's calibrated_eps.yaml that this fit
+    # cannot replace is removed with the same write, so the folder never mixes two runs.
+    removed = write_file_set(out, outputs, stale=OUTPUTS)
+    if b <= 0:
+        note = "; removed the earlier run's calibrated_eps.yaml" if removed else ""
+        print(f"fit slope B = {b:.4f} <= 0: no calibrated_eps.yaml (cal_acc needs B > 0){note}")
     print(grid_table(grid, min(ranks, 10)))
     print(f"fit: log10 acc = {a:.4f} + {b:.4f} log10 p ({points} cells); dynamic_top_k = {top_k}")
     print(f"Calibration outputs: {out}/")

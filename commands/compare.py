@@ -18,11 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from pathlib import Path
 
 from core.errors import UserInputError
-from core.io import atomic_path, check_name, write_text_atomic
+from core.io import check_name, write_file_set
 from core.records import read_json_records
 from evaluation.statistics import METHOD, paired_comparison, sample_spread
 from evaluation.summaries import interval_text, metric_summary
@@ -71,7 +72,8 @@ def sample_files(argument: str, only_input: bool) -> list[tuple[str, Path]]:
 
 
 def read_rows(path: Path) -> dict[str, dict]:
-    """Evaluation rows by question id; each needs an "id" (once) and a boolean "correct"."""
+    """Evaluation rows by question id; each needs an "id" (once) and a boolean "correct"; "metrics" (when
+    present) maps names to finite numbers, "samples_correct" is a list of booleans."""
     rows, places = read_json_records(path)
     by_id: dict[str, dict] = {}
     for place, row in zip(places, rows, strict=True):
@@ -79,8 +81,30 @@ def read_rows(path: Path) -> dict[str, dict]:
             raise UserInputError(f"{place}: an evaluation row needs an 'id' and a boolean 'correct'")
         if str(row["id"]) in by_id:
             raise UserInputError(f"{place}: id {row['id']!r} appears twice")
+        check_row_fields(row, place)
         by_id[str(row["id"])] = row
     return by_id
+
+
+def check_row_fields(row: dict, place: str) -> None:
+    """The optional fields compare reads as numbers: one line naming the place and the field when one is not."""
+    metrics = row.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, dict):
+            raise UserInputError(f"{place}: field 'metrics' must be an object of numbers, got {metrics!r:.80}")
+        for name, value in metrics.items():
+            if not is_number(value):
+                raise UserInputError(f"{place}: field 'metrics.{name}' must be a number, got {value!r:.80}")
+    samples = row.get("samples_correct")
+    if samples is not None and not (isinstance(samples, list) and samples and all(type(s) is bool for s in samples)):
+        raise UserInputError(
+            f"{place}: field 'samples_correct' must be a non-empty list of true/false, got {samples!r:.80}"
+        )
+
+
+def is_number(value: object) -> bool:
+    """A finite JSON number (true / false count as 1 / 0)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def shared_ids(inputs: dict[str, dict[str, dict]], reference: str, allow_different: bool) -> list[str]:
@@ -105,9 +129,15 @@ def metric_values(rows: list[dict]) -> dict[str, list[float]]:
     if all("format_ok" in row for row in rows):
         values["format_accuracy"] = [float(bool(row["format_ok"])) for row in rows]
     names = set.intersection(*(set(row.get("metrics") or {}) for row in rows))
-    for name in sorted(names, key=lambda s: (s.split("@")[0], int(s.split("@")[1]) if "@" in s else 0)):
+    for name in sorted(names, key=metric_order):
         values[name] = [float(row["metrics"][name]) for row in rows]
     return values
+
+
+def metric_order(name: str) -> tuple[str, int, str]:
+    """maj@2 before maj@10; names without a number after "@" sort by name."""
+    base, _, k = name.partition("@")
+    return (base, int(k), "") if k.isdecimal() else (base, 0, k)
 
 
 def comparison(inputs: dict[str, list[dict]], reference: str) -> dict:
@@ -176,8 +206,8 @@ def csv_text(result: dict) -> str:
     return buffer.getvalue()
 
 
-def plot(path: Path, result: dict) -> None:
-    """One panel per metric: each input's value with its 95 % interval as error bars."""
+def plot(result: dict) -> bytes:
+    """One panel per metric: each input's value with its 95 % interval as error bars (PNG bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,9 +227,12 @@ def plot(path: Path, result: dict) -> None:
         axis.set_ylim(0, 1.05)
     figure.suptitle(f"95 % intervals over {result['questions']} shared questions (grey: reference)", fontsize=9)
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    plt.close(figure)
+    png = io.BytesIO()
+    try:
+        figure.savefig(png, format="png", dpi=120)
+    finally:
+        plt.close(figure)
+    return png.getvalue()
 
 
 def compare(
@@ -213,7 +246,7 @@ def compare(
     Args:
         inputs: run directories, samples JSONL files (or their *_summary.json) and SLOT arms folders (or their
             summary.json); given as words: `python cli.py compare RUN_A RUN_B --output_dir out`.
-        output_dir: where compare.md, compare.csv and compare.png go.
+        output_dir: where compare.md, compare.csv and compare.png go (written as a set: all three or none).
         reference: the input (column label, or the unique label ending with it, e.g. an arm's name) the
             others are compared with; default: the first.
         allow_different_questions: compare on the questions every input shares instead of refusing inputs
@@ -238,9 +271,7 @@ def compare(
         **comparison(aligned, matches[0]),
     }
     out = Path(output_dir)
-    table = markdown(result)
-    write_text_atomic(out / "compare.md", table)
-    write_text_atomic(out / "compare.csv", csv_text(result))
-    plot(out / "compare.png", result)
+    table = markdown(result)  # every output is made before any is written: a failure leaves none (or the old set)
+    write_file_set(out, {"compare.md": table, "compare.csv": csv_text(result), "compare.png": plot(result)})
     print(table + f"Outputs: {out}/compare.md, compare.csv, compare.png")
     return result

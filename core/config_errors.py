@@ -15,6 +15,9 @@ import importlib
 import inspect
 import re
 import typing
+from pathlib import Path
+
+import yaml
 
 STRUCTURE = (
     "Does not validate against any of the Union subtypes",
@@ -31,6 +34,7 @@ UNKNOWN_IN_GROUP = re.compile(r"Group '([^']+)' does not accept option '([^']+)'
 UNKNOWN_IN_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
 MAX_LISTED = 20  # valid keys listed in full up to this many
 UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # jsonargparse's loader: the same errors and places
 
 
 def one_line(message: str, options: list[str] | None = None) -> str:
@@ -142,3 +146,66 @@ def _field_type(owner: type | None, name: str) -> type | None:
     hint = hints.get(name)
     candidates = typing.get_args(hint) or (hint,)
     return next((c for c in candidates if inspect.isclass(c) and c is not type(None)), None)
+
+
+def yaml_syntax_error(error: BaseException, argv: list[str]) -> str | None:
+    """`FILE:LINE:COLUMN: problem` for a YAML syntax error behind `error`; None when there is none.
+
+    jsonargparse reads a config file into a string before parsing it, so its message says `<unicode string>`
+    and its one-line form ends before the place. The file is found again among the YAML files in `argv`
+    (`--config X`, `--config=X`, `--trainer X.yaml`): the first whose own parse fails at the same place."""
+    found = _cause_of_type(error, yaml.MarkedYAMLError)
+    if found is None:
+        return None
+    failing = []  # (path, its own error): the files of argv that are not valid YAML
+    for path in _yaml_arguments(argv):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)
+        except yaml.MarkedYAMLError as own:
+            if (own.problem, _place_of(own.problem_mark)) == (found.problem, _place_of(found.problem_mark)):
+                return _yaml_line(str(path), own)
+            failing.append((path, own))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+    if failing:
+        return _yaml_line(str(failing[0][0]), failing[0][1])
+    return _yaml_line("YAML in a command-line value", found)
+
+
+def _cause_of_type(error: BaseException | None, kind: type) -> BaseException | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _yaml_arguments(argv: list[str]) -> list[Path]:
+    """Existing files named in `argv` that are YAML: after `--config`, or ending in .yaml / .yml."""
+    paths = []
+    for index, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        after_config = (index > 0 and argv[index - 1] == "--config") or arg.startswith("--config=")
+        if (after_config or value.endswith((".yaml", ".yml"))) and Path(value).is_file():
+            paths.append(Path(value))
+    return paths
+
+
+def _place_of(mark) -> tuple[int, int] | None:
+    return None if mark is None else (mark.line, mark.column)
+
+
+def _yaml_line(where: str, error: yaml.MarkedYAMLError) -> str:
+    """`where:LINE:COLUMN: problem (context at line L, column C)` (1-based, as editors count)."""
+    mark = error.problem_mark
+    line = f"{where}:{mark.line + 1}:{mark.column + 1}: " if mark is not None else f"{where}: "
+    line += error.problem or "invalid YAML"
+    if error.context:
+        context = error.context_mark
+        at = f" at line {context.line + 1}, column {context.column + 1}" if context is not None else ""
+        line += f" ({error.context}{at})"
+    if "tab character" in (error.problem or "") or "'\\t'" in (error.problem or ""):  # libyaml / PyYAML's words
+        line += "; YAML indents with spaces, not tabs"
+    return line

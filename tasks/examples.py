@@ -45,7 +45,18 @@ class Task:
 
 
 def _gsm8k(record: dict, row_id: str) -> Example:
-    return Example(row_id, record["question"], record["answer"], record["answer"].split("####")[-1].strip())
+    solution = record["answer"]
+    if not isinstance(solution, str):
+        raise UserInputError(f"field 'answer' must be text, got {solution!r:.80}")
+    if "####" not in solution:
+        raise UserInputError(
+            "field 'answer' has no '#### <final answer>' line (GSM8K's format: the solution, then "
+            "'#### 42'); without it the whole solution would be the gold answer"
+        )
+    answer = solution.split("####")[-1].strip()
+    if not answer:
+        raise UserInputError("field 'answer' has nothing after '####' (GSM8K's format: '#### 42')")
+    return Example(row_id, record["question"], solution, answer)
 
 
 def _math(record: dict, row_id: str) -> Example:

@@ -23,6 +23,7 @@ _LOOSE_NUMBER_RE = re.compile(r"-?[$0-9.,]{2,}|-?[0-9]+")  # lm-eval "flexible-e
 _DECIMAL_RE = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRACTION_RE = re.compile(r"(-?\d+)/(\d+)")
 _ANSWER_IS = r"the\s+(?:final\s+)?answer\s+is\s*:?"
+UNICODE_MINUS = "\u2212"
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,15 @@ def extract_boxed(text: str) -> str | None:
     return None  # unbalanced, e.g. a completion cut off inside the box
 
 
+def ascii_minus(text: str) -> str:
+    """The Unicode minus sign (U+2212, "−5") as "-". Dashes (en dash "5–10") are ranges and stay as they are."""
+    return text.replace(UNICODE_MINUS, "-")
+
+
 def normalize_number(text: str) -> str | None:
-    """Canonical plain number ("1,000.00" -> "1000", "$-3.50" -> "-3.5", "72." -> "72"); None if not one."""
-    s = text.strip().replace(",", "").replace("$", "").rstrip(".").lstrip("+")
+    """Canonical plain number ("1,000.00" -> "1000", "$-3.50" -> "-3.5", "−4" -> "-4", "72." -> "72"); None if
+    not one."""
+    s = ascii_minus(text).strip().replace(",", "").replace("$", "").rstrip(".").lstrip("+")
     if fraction := _FRACTION_RE.fullmatch(s):
         return f"{int(fraction.group(1))}/{int(fraction.group(2))}"
     if not _DECIMAL_RE.fullmatch(s):
@@ -66,7 +73,7 @@ def normalize_number(text: str) -> str | None:
 
 def last_number(text: str) -> str | None:
     """The last number in ``text`` (lm-eval flexible-extract), normalised; None when there is none."""
-    for match in reversed(list(_LOOSE_NUMBER_RE.finditer(text))):
+    for match in reversed(list(_LOOSE_NUMBER_RE.finditer(ascii_minus(text)))):
         if (number := normalize_number(match.group(0))) is not None:
             return number
     return None
@@ -89,6 +96,7 @@ _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.IGNORECASE | re.
 
 def extract_gsm8k(text: str) -> str | None:
     """'#### N', then the last 'The answer is N', then <answer> tags, then \\boxed{}, then the last number."""
+    text = ascii_minus(text)
     strict = _STRICT_RE.search(text)
     answer_is = _ANSWER_IS_NUMBER_RE.findall(text)
     tags = _ANSWER_TAG_RE.findall(text)
@@ -118,7 +126,7 @@ _REMOVED = (*_SPACING, r"\left", r"\right", r"^{\circ}", r"^\circ", "°", r"\$",
 
 def normalize_math_answer(text: str) -> str:
     r"""Hendrycks-style canonical LaTeX answer: "\left( 3, \dfrac12 \right)" -> "(3,\frac{1}{2})"."""
-    s = text.strip().replace("\n", "").replace("tfrac", "frac").replace("dfrac", "frac")
+    s = ascii_minus(text).strip().replace("\n", "").replace("tfrac", "frac").replace("dfrac", "frac")
     s = re.sub(r"\\(?:big|Big|bigg|Bigg)[lr]?(?![a-z])", "", s)
     for token in _REMOVED:
         s = s.replace(token, "")
@@ -162,6 +170,7 @@ def math_verify_equivalent(predicted: str, gold: str) -> bool:
 
 def extract_math(text: str) -> str | None:
     """Last \\boxed{} content, then the last 'The answer is ...', then the last number."""
+    text = ascii_minus(text)
     if boxed := extract_boxed(text):
         return boxed
     if answers := list(_ANSWER_IS_LINE_RE.finditer(text)):

@@ -7,6 +7,10 @@ import argparse
 import gzip
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +18,14 @@ import torch
 import yaml
 
 from cli import main
+from commands import calibrate as calibrate_command
+from commands import compare as compare_command
+from core.io import write_file_set
 from datamodules.reasoning import ReasoningDataModule
 from tasks.examples import TASKS, load_examples
 from tasks.prompts import PromptFormatter, PromptSpec
+from tasks.scoring import extract_gsm8k, extract_math, math_equivalent, numbers_equivalent, score_completion
+from tests.test_decoding_study import synthetic_traces
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = REPO / "data/gsm8k/train.jsonl"
@@ -294,3 +303,241 @@ def test_truncation_warning_names_the_first_example_ids(tiny_tokenizer, tmp_path
     assert len(long) > 5
     expected = f"train: {len(long)} examples truncated to {max_length} tokens (ids {', '.join(long[:5])} and "
     assert expected + f"{len(long) - 5} more), 0 dropped" in caplog.text
+
+
+# 12. A GSM8K row without "####": the file and line (not the whole solution taken as the gold answer).
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_gsm8k_row_without_final_answer_names_file_and_line(command, tiny_llama, tmp_path, capsys):
+    lines = gsm8k_lines(12)
+    row = json.loads(lines[2])
+    row["answer"] = row["answer"].split("####")[0].strip()  # the solution without its "#### N" line
+    lines[2] = json.dumps(row).encode() + b"\n"
+    data = tmp_path / "no_final_answer.jsonl"
+    data.write_bytes(b"".join(lines))
+    option = "--data.train_path" if command == "fit" else "--data.test_path"
+    line = error_line([command, *tiny_args(tiny_llama, tmp_path / "runs", option, str(data))], capsys)
+    assert line == (
+        f"error: {data}:3: field 'answer' has no '#### <final answer>' line (GSM8K's format: the solution, then "
+        "'#### 42'); without it the whole solution would be the gold answer"
+    )
+    assert not (tmp_path / "runs").exists()
+    row["answer"] += "\n####  "
+    data.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"^{data}:1: field 'answer' has nothing after '####'"):
+        load_examples(TASKS["gsm8k"], str(data), "train")
+    assert [len(load_examples(TASKS["gsm8k"], None, split)) for split in ("train", "test")] == [7473, 1319]
+
+
+# 13. A truncated weights or tokenizer file in a backbone folder: the folder and the file, no run directory.
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("model.safetensors", "SafetensorError: Error while deserializing header: incomplete metadata"),
+        ("tokenizer.json", "JSONDecodeError: "),
+    ],
+)
+def test_truncated_backbone_file_is_one_line_and_leaves_no_run(name, reason, tiny_llama, tmp_path, capsys):
+    folder = tmp_path / "backbone"
+    shutil.copytree(tiny_llama, folder)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+    line = error_line(["fit", *tiny_args(folder, tmp_path / "runs", *ONE_STEP)], capsys)
+    assert line.startswith(f"error: model folder '{folder}': {name} is unreadable (truncated or corrupt? {reason}")
+    assert line.endswith("); copy or download the model again")
+    assert not (tmp_path / "runs").exists()
+
+
+# 14. A YAML syntax error (a tab): the file, line and column.
+
+
+@pytest.mark.parametrize("command", ["fit", "calibrate"])
+def test_yaml_syntax_error_names_file_line_and_column(command, tiny_llama, tmp_path, capsys):
+    config = tmp_path / "tabbed.yaml"
+    config.write_text("trainer:\n  max_steps: 2\n\tlimit_val_batches: 0\n")
+    args = [*tiny_args(tiny_llama, tmp_path / "runs"), "--config"] if command == "fit" else ["--config"]
+    line = error_line([command, *args, str(config)], capsys)
+    prefix = "error: calibrate: " if command == "calibrate" else "error: "
+    assert line.startswith(f"{prefix}{config}:3:1: ") and line.endswith("; YAML indents with spaces, not tabs")
+    config.write_text("trainer:\n  max_steps: [2\n")
+    line = error_line(["fit", *tiny_args(tiny_llama, tmp_path / "runs"), f"--config={config}"], capsys)
+    assert line.startswith(f"error: {config}:3:1: ") and "flow sequence" in line
+    assert not (tmp_path / "runs").exists()
+
+
+# 15. compare: a metric value that is not a number; calibrate: a trace line whose fields have the wrong type.
+
+
+def evaluation_rows(correct: list[bool]) -> list[dict]:
+    return [
+        {"id": f"q{i}", "correct": c, "samples_correct": [c, True], "metrics": {"maj@2": float(c), "pass@2": 1.0}}
+        for i, c in enumerate(correct)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("maj@2", "n/a", "field 'metrics.maj@2' must be a number, got 'n/a'"),
+        ("pass@2", None, "field 'metrics.pass@2' must be a number, got None"),
+        ("metrics", "0.5", "field 'metrics' must be an object of numbers, got '0.5'"),
+        ("samples_correct", [1, 0], "field 'samples_correct' must be a non-empty list of true/false, got [1, 0]"),
+    ],
+)
+def test_compare_non_numeric_metric_names_file_line_and_field(field, value, expected, tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", evaluation_rows([True, False, True, True, False, True]))
+    rows = evaluation_rows([True, True, False, True, False, False])
+    if field in ("metrics", "samples_correct"):
+        rows[4][field] = value
+    else:
+        rows[4]["metrics"][field] = value
+    b = write_jsonl(tmp_path / "b.jsonl", rows)
+    out = tmp_path / "out"
+    line = error_line(["compare", str(a), str(b), "--output_dir", str(out)], capsys)
+    assert line == f"error: {b}:5: {expected}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("top_ids", 5, "field 'top_ids' must be a list of token ids, got 5"),
+        ("top_ids", ["a", "b"], "field 'top_ids' must be a list of token ids, got ['a', 'b']"),
+        ("gt", "7", "field 'gt' must be a token id, got '7'"),
+        ("top_probs", 0.5, "field 'top_probs' must be a list of probabilities, got 0.5"),
+    ],
+)
+def test_calibrate_trace_field_of_wrong_type_names_file_line_and_field(field, value, expected, tmp_path, capsys):
+    probs = [f"{0.5 ** (rank + 1):.8f}" for rank in range(4)]
+    lines = [{"gt": i % 4, "top_ids": list(range(4)), "top_probs": probs} for i in range(10)]
+    lines[3][field] = value
+    traces = write_jsonl(tmp_path / "traces.jsonl", lines)
+    out = tmp_path / "calibration"
+    line = error_line(["calibrate", "--traces", str(traces), "--output_dir", str(out), "--ranks", "4"], capsys)
+    assert line == f"error: {traces}:4: {expected}"
+    assert not out.exists()
+
+
+# 16. calibrate's temperature; outputs of calibrate and compare as a set (all or none, never two runs mixed).
+
+
+def test_calibrate_refuses_a_temperature_that_does_not_sample(tmp_path, capsys):
+    traces = tmp_path / "traces.jsonl"
+    synthetic_traces(traces, a=-0.3, b=1.0, per_bin=50)
+    out = tmp_path / "calibration"
+    args = ["calibrate", "--traces", str(traces), "--output_dir", str(out), "--ranks", "4"]
+    for temperature in (0.0, -1.0):
+        line = error_line([*args, "--temperature", str(temperature)], capsys)
+        expected = f"temperature must be a finite number > 0 (the configs sample), got {temperature}"
+        assert line == f"error: calibrate: {expected}"
+    for temperature in (float("nan"), float("inf")):  # the command line refuses these already; the function too
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            calibrate_command.calibrate(str(traces), str(out), ranks=4, temperature=temperature)
+    assert not out.exists()
+
+
+def test_calibrate_rerun_without_an_eps_fit_removes_the_stale_eps_config(tmp_path, capsys):
+    out = tmp_path / "calibration"
+    rising, falling = tmp_path / "rising.jsonl", tmp_path / "falling.jsonl"
+    synthetic_traces(rising, a=-0.3, b=1.0, per_bin=200)
+    synthetic_traces(falling, a=-1.0, b=-0.2, per_bin=200)  # accuracy falls with probability: B < 0
+    first = calibrate_command.calibrate(str(rising), str(out), ranks=4)
+    assert first["fit"]["B"] > 0 and (out / "calibrated_eps.yaml").is_file()
+    capsys.readouterr()
+    second = calibrate_command.calibrate(str(falling), str(out), ranks=4)
+    assert second["fit"]["B"] <= 0
+    printed = capsys.readouterr().out
+    assert "no calibrated_eps.yaml (cal_acc needs B > 0); removed the earlier run's calibrated_eps.yaml" in printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["calibrated_topk.yaml", "calibration.json", "calibration_heatmap.png"]
+    assert json.loads((out / "calibration.json").read_text())["traces"] == str(falling)
+    assert f"from {falling} " in (out / "calibrated_topk.yaml").read_text()
+
+
+def test_calibrate_and_compare_write_all_outputs_or_none(tmp_path, monkeypatch):
+    traces = tmp_path / "traces.jsonl"
+    synthetic_traces(traces, a=-0.3, b=1.0, per_bin=50)
+    a = write_jsonl(tmp_path / "a.jsonl", evaluation_rows([True, False, True, True]))
+    b = write_jsonl(tmp_path / "b.jsonl", evaluation_rows([True, True, False, True]))
+    calibration, comparison = tmp_path / "calibration", tmp_path / "compare"
+    calibrate_command.calibrate(str(traces), str(calibration), ranks=4)
+    compare_command.compare([str(a), str(b)], str(comparison))
+    before = {p: p.read_bytes() for folder in (calibration, comparison) for p in folder.iterdir()}
+    assert len(before) == 7
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(calibrate_command, "heatmap", broken_plot)
+    monkeypatch.setattr(compare_command, "plot", broken_plot)
+    synthetic_traces(traces, a=-0.5, b=1.5, per_bin=50)  # another run, whose outputs would differ
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        calibrate_command.calibrate(str(traces), str(calibration), ranks=4, threshold=0.2)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        compare_command.compare([str(b), str(a)], str(comparison))
+    assert {p: p.read_bytes() for folder in (calibration, comparison) for p in folder.iterdir()} == before
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        compare_command.compare([str(a), str(b)], str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_write_file_set_leaves_the_folder_as_it_was_when_a_file_fails(tmp_path):
+    (tmp_path / "one.txt").write_text("old one\n")
+    with pytest.raises(TypeError):
+        write_file_set(tmp_path, {"one.txt": "new one\n", "two.txt": 2})  # type: ignore[dict-item]
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("one.txt", "old one\n")]
+    assert write_file_set(tmp_path, {"two.txt": b"2\n"}, stale=["one.txt", "three.txt"]) == ["one.txt"]
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("two.txt", "2\n")]
+
+
+# 17. A Unicode minus sign ("−5", U+2212) is a minus.
+
+
+def test_unicode_minus_is_extracted_as_a_minus():
+    assert extract_gsm8k("The temperature drops to \u22125 degrees.") == "-5"
+    assert extract_gsm8k("She owes \u22121,200 dollars.\n#### \u22121,200") == "-1200"
+    assert extract_gsm8k("The answer is \u22123.50") == "-3.5"
+    assert extract_gsm8k("<answer>\u22127</answer>") == "-7"
+    assert extract_gsm8k("It takes 5\u201310 minutes") == "10"  # an en dash is a range, not a minus
+    assert numbers_equivalent("\u22125", "-5") and not numbers_equivalent("\u22125", "5")
+    assert score_completion("gsm8k", "So x = \u22124.", "-4") == ("-4", True)
+    assert score_completion("gsm8k", "So x = -4.", "\u22124") == ("-4", True)  # a gold answer written with U+2212
+    assert extract_math("\\boxed{\u2212\\frac{1}{2}}") == "-\\frac{1}{2}"
+    assert extract_math("The answer is \u22122.") == "-2"
+    assert math_equivalent("\u2212\\frac12", "-\\frac{1}{2}")
+
+
+# 18. Quiet start: bitsandbytes' kernel-download warning is dropped; the logger's other messages are kept.
+
+
+def test_bitsandbytes_kernel_warning_is_dropped_and_other_warnings_kept(caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+            "`pip install kernels` and the kernels >= 0.11.1",
+            "Kernel repository ... Set trust_remote_code=True ...",
+        )
+        logger.warning("a real bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["a real bitsandbytes warning"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_help_prints_nothing_before_our_own_output(offline):
+    """Online, bitsandbytes warns that it could not fetch its kernel; offline (HF_HUB_OFFLINE=1), `kernels` also
+    warns that it skips the publisher check. Neither is printed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": offline}
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("companion commands (python cli.py COMMAND --help):\n")
