@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +30,8 @@ class Example:
     question: str
     response: str
     answer: str
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+    """The source record as read (what `data.protocol: planning_tokens` renders from)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def load_examples(task: Task, source: str | None, split: str, hub_subset: str | 
         missing = [field for field in task.fields if record.get(field) in (None, "")]
         if missing:
             raise UserInputError(f"{where(index)}: missing field {', '.join(repr(m) for m in missing)}")
-        examples.append(task.to_example(record, f"{split}-{index}"))
+        examples.append(replace(task.to_example(record, f"{split}-{index}"), record=dict(record)))
     return examples
 
 
