@@ -294,7 +294,8 @@ def test_boolean_scoring():
 
 
 def test_registry_and_unknown_format():
-    assert set(ANSWER_FORMATS) == {"gsm8k", "math", "aqua", "boolean", "last_number"}
+    planning = {"planning_strict_gsm8k", "planning_strict_math", "planning_strict_aqua"}
+    assert set(ANSWER_FORMATS) == {"gsm8k", "math", "aqua", "boolean", "last_number", *planning}
     assert all(isinstance(fmt, AnswerFormat) and fmt.name == name for name, fmt in ANSWER_FORMATS.items())
     assert score_completion(ANSWER_FORMATS["gsm8k"], "#### 3", "3") == ("3", True)
     with pytest.raises(ValueError, match="gsm8k") as error:
