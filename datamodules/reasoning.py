@@ -271,8 +271,12 @@ class ReasoningDataModule(LightningDataModule):
                 first_ids(dropped),
             )
         if skipped:
-            log.warning("%s: %d examples skipped as the planning-tokens code skips them%s", name, len(skipped),
-                        first_ids(skipped))  # fmt: skip
+            log.warning(
+                "%s: %d examples skipped as the planning-tokens code skips them%s",
+                name,
+                len(skipped),
+                first_ids(skipped),
+            )
         if not rows:
             raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")
         return datasets.Dataset.from_list(rows)
@@ -296,7 +300,7 @@ class ReasoningDataModule(LightningDataModule):
         if self.planning.method == "memory-reason":
             steps, types = tagged_steps(example.response, f"data: {self.source} example '{example.id}'")
         elif self.planning.method == "arithmetic":
-            annotations = self.task.name == "gsm8k"  # the planning-tokens code reads <<...>> on GSM8K only
+            annotations = self.task.name not in ("math", "aqua")  # upstream reads <<...>> spans on GSM8K, not there
             types = [arithmetic_types(step, self.planning.operators, annotations) for step in steps]
         else:  # kmeans / vae: typed in `_type_steps`
             types = [[str(label)] for label in self.step_types[example.id]]

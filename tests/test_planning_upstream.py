@@ -18,6 +18,7 @@ from datamodules.reasoning import ReasoningDataModule
 from models.vocabulary import add_tokens
 from tasks.examples import TASKS, load_examples
 from tasks.planning import PlanningSpec, arithmetic_types, split_steps
+from tasks.planning_upstream import upstream_solution
 from tasks.prompts import PromptSpec
 from tasks.scoring import score_completion
 
@@ -124,6 +125,8 @@ def test_aqua_prompt_and_targets_are_upstreams(tmp_path):
     assert steps[0] == "Let the height of the building be h"  # "Explanation :" dropped, no period added
     assert steps[-1] == "So, it takes 5(1 + √3) minutes to reach the base of the tower."  # "Answer : A" dropped
     assert answer == "A"
+    rationale_without_steps = {**aqua[13].record, "rationale": "B\nAnswer: B"}  # upstream skips the record
+    assert upstream_solution("aqua", rationale_without_steps) is None
     cot = paper_data("planning_aqua.yaml", method="none")
     assert rendered(cot, aqua[13])[2] == "45 - 30 = 15\n The answer is: D\n "
     # The test rows: the evaluation prompt ends with the prefix token, the gold is upstream's answer.
