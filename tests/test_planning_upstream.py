@@ -127,11 +127,11 @@ def test_aqua_prompt_and_targets_are_upstreams(tmp_path):
     assert steps[-1] == "So, it takes 5(1 + √3) minutes to reach the base of the tower."  # "Answer : A" dropped
     assert answer == "A"
     # No step left: upstream skips the record when it plans, its plain CoT is the answer line alone.
-    no_steps = replace(aqua[13], record={**aqua[13].record, "rationale": "B\nAnswer: B"})
+    no_steps = replace(aqua[13], record={**aqua[13].record, "rationale": "D\nAnswer: D"})
     assert upstream_solution("aqua", no_steps.record)[1] == [] and data.solution(no_steps) is None
     cot = paper_data("planning_aqua.yaml", method="none")
     assert rendered(cot, aqua[13])[2] == "45 - 30 = 15\n The answer is: D\n "
-    assert rendered(cot, no_steps)[2] == "\n The answer is: B\n "
+    assert rendered(cot, no_steps)[2] == "\n The answer is: D\n "
     # The test rows: the evaluation prompt ends with the prefix token, the gold is upstream's answer.
     data.setup("test")
     rows = data.splits["test"]
