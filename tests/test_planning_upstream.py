@@ -148,51 +148,41 @@ def test_the_protocol_is_checked():
 
 
 @pytest.mark.parametrize(
-    ("answer_format", "completion", "gold", "prediction", "correct"),
+    ("task", "completion", "gold", "strict", "lenient"),
     [
         # GSM8K: the FIRST "The answer is: N", commas removed, then exact string equality.
-        ("planning_strict_gsm8k", "<prefix_0> 2 + 2 = 4.\n The answer is: 1,234\n", "1234", "1234", True),
-        ("gsm8k", "<prefix_0> 2 + 2 = 4.\n The answer is: 1,234\n", "1234", "1234", True),
-        ("planning_strict_gsm8k", "The answer is: 1000", "1,000", "1000", True),
-        ("planning_strict_gsm8k", "The answer is: 18.", "18", "18.", False),  # the period is part of N
-        ("gsm8k", "The answer is: 18.", "18", "18", True),
-        ("planning_strict_gsm8k", "The answer is: 18.0", "18", "18.0", False),
-        ("planning_strict_gsm8k", "The answer is: 5\nThen The answer is: 7", "5", "5", True),
-        ("gsm8k", "The answer is: 5\nThen The answer is: 7", "5", "7", False),  # ours: the last
-        ("planning_strict_gsm8k", "The answer is 18", "18", "[invalid]", False),  # no colon
-        ("gsm8k", "The answer is 18", "18", "18", True),
-        ("planning_strict_gsm8k", "The answer is: $18", "18", "[invalid]", False),
-        ("gsm8k", "The answer is: $18", "18", "18", True),
-        ("planning_strict_gsm8k", "I cannot tell.", "18", "[invalid]", False),
-        ("gsm8k", "I cannot tell.", "18", None, False),
-        ("planning_strict_gsm8k", "The answer is: -3\n", "-3", "-3", True),
+        ("gsm8k", "<prefix_0> 2 + 2 = 4.\n The answer is: 1,234\n", "1234", ("1234", True), ("1234", True)),
+        ("gsm8k", "The answer is: 1000", "1,000", ("1000", True), ("1000", True)),
+        ("gsm8k", "The answer is: 18.", "18", ("18.", False), ("18", True)),  # the period is part of N
+        ("gsm8k", "The answer is: 18.0", "18", ("18.0", False), ("18", True)),
+        ("gsm8k", "The answer is: 5\nThen The answer is: 7", "5", ("5", True), ("7", False)),  # ours: the last
+        ("gsm8k", "The answer is 18", "18", ("[invalid]", False), ("18", True)),  # no colon
+        ("gsm8k", "The answer is: $18", "18", ("[invalid]", False), ("18", True)),
+        ("gsm8k", "I cannot tell.", "18", ("[invalid]", False), (None, False)),
+        ("gsm8k", "The answer is: -3\n", "-3", ("-3", True), ("-3", True)),
         # AQuA: the first A-E after the last "The answer is:" upper-cased, else the text's last A-E.
-        ("planning_strict_aqua", "<prefix_0> 45 - 30 = 15\n The answer is: B\n", "B", "B", True),
-        ("planning_strict_aqua", "The answer is: (c)", "C", "C", True),
-        ("planning_strict_aqua", "The answer is: none of these", "E", "E", True),  # the E of NONE
-        ("aqua", "The answer is: none of these", "E", None, False),
-        ("planning_strict_aqua", "The best choice is C, clearly.", "C", "A", False),  # the A of CLEARLY
-        ("aqua", "The best choice is C, clearly.", "C", "C", True),
-        ("planning_strict_aqua", "The answer is: A. No, the answer is: D", "D", "A", False),
-        ("aqua", "The answer is: A. No, the answer is: D", "D", "D", True),
-        ("planning_strict_aqua", "", "A", "[invalid]", False),
+        ("aqua", "<prefix_0> 45 - 30 = 15\n The answer is: B\n", "B", ("B", True), ("B", True)),
+        ("aqua", "The answer is: (c)", "C", ("C", True), None),
+        ("aqua", "The answer is: none of these", "E", ("E", True), (None, False)),  # the E of NONE
+        ("aqua", "The best choice is C, clearly.", "C", ("A", False), ("C", True)),  # the A of CLEARLY
+        ("aqua", "The answer is: A. No, the answer is: D", "D", ("A", False), ("D", True)),
+        ("aqua", "", "A", ("[invalid]", False), (None, False)),
         # MATH: after "The answer is:", else the last boxed{}, else the last number; MATH-normalised; a numeric
         # gold matches by rounding (integer) or within 4 %, any other by string equality.
-        ("planning_strict_math", "The answer is: 6.4\n", "6", "6.4", True),
-        ("math", "The answer is: 6.4\n", "6", "6.4", False),
-        ("planning_strict_math", "The answer is: 2.55", "2.5", "2.55", True),
-        ("math", "The answer is: 2.55", "2.5", "2.55", False),
-        ("planning_strict_math", "The answer is: 1,000", "1000", "1,000", False),  # read as the tuple (1, 0)
-        ("math", "The answer is: 1,000", "1000", "1,000", True),
-        ("planning_strict_math", "so $x = \\boxed{\\dfrac{3}{4}}$.", "\\frac34", "\\frac{3}{4}", True),
-        ("planning_strict_math", "The answer is: .", "5", "[invalid]", False),
-        ("planning_strict_math", "I get 12 apples and 5 pears", "5", "5", True),
-        ("planning_strict_math", "The answer is 7, I think", "7", "Theansweris7,Ithink", False),
-        ("planning_strict_math", "The answer is: x = (3, 4)", "(3,4)", "(3,4)", True),
+        ("math", "The answer is: 6.4\n", "6", ("6.4", True), ("6.4", False)),
+        ("math", "The answer is: 2.55", "2.5", ("2.55", True), ("2.55", False)),
+        ("math", "The answer is: 1,000", "1000", ("1,000", False), ("1,000", True)),  # read as the tuple (1, 0)
+        ("math", "so $x = \\boxed{\\dfrac{3}{4}}$.", "\\frac34", ("\\frac{3}{4}", True), None),
+        ("math", "The answer is: .", "5", ("[invalid]", False), None),
+        ("math", "I get 12 apples and 5 pears", "5", ("5", True), None),
+        ("math", "The answer is 7, I think", "7", ("Theansweris7,Ithink", False), None),
+        ("math", "The answer is: x = (3, 4)", "(3,4)", ("(3,4)", True), None),
     ],
 )
-def test_strict_and_lenient_scorers(answer_format, completion, gold, prediction, correct):
-    assert score_completion(answer_format, completion, gold) == (prediction, correct)
+def test_strict_and_lenient_scorers(task, completion, gold, strict, lenient):
+    assert score_completion(f"planning_strict_{task}", completion, gold) == strict
+    if lenient is not None:  # the task's own (lenient) scorer on the same completion
+        assert score_completion(task, completion, gold) == lenient
 
 
 GSM8K_STEP_TYPES = {  # train row -> the upstream types of each step, worked out by hand
