@@ -24,11 +24,14 @@ from datamodules.batching import (
 from models.loading import ModelSpec, cache_dir, load_model, load_tokenizer
 from tasks.examples import Example, get_task, load_examples, seeded_subset
 from tasks.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
+from tasks.planning_upstream import TASKS as UPSTREAM_TASKS
+from tasks.planning_upstream import render_cot, upstream_solution
 from tasks.prompts import PromptFormatter, PromptSpec
 from tasks.scoring import get_answer_format
 from tasks.step_types import StepTyper, annotate_steps
 
 log = logging.getLogger(__name__)
+PROTOCOLS = ("project", "planning_tokens")
 # Lightning warns that a mid-epoch resume repeats data unless the loader is stateful; train_dataloader()
 # skips the batches already trained instead (ResumingDataLoader), which tests/test_slurm.py checks bit for bit.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -52,8 +55,12 @@ class ReasoningDataModule(LightningDataModule):
         train_path: training data, a .json/.jsonl file or a hub id; None = the task's bundled train split.
         test_path: test data (test and predict), likewise; None = the task's bundled test split.
         hub_subset: the hub dataset's configuration name (e.g. "main" for openai/gsm8k).
-        answer_format: how answers are scored (gsm8k, math, aqua, letters_a_e, letters_a_n, boolean); None = the
-            task's own.
+        answer_format: how answers are scored (gsm8k, math, aqua, letters_a_e, letters_a_n, boolean,
+            planning_strict_gsm8k, ...); None = the task's own.
+        protocol: project | planning_tokens: how questions, solution steps, targets and gold answers are written.
+            planning_tokens renders them as the planning-tokens code does (tasks/planning_upstream.py: gsm8k, math,
+            aqua; a record it skips is dropped with a warning); project keeps the task's own text (the solution
+            as the target of a plain chain of thought, steps split by `tasks.planning.split_steps`).
         prompt: how a question becomes a prompt (plain or chat template, system prompt).
         max_length: longest training sequence in tokens (prompt + response); longer ones are truncated.
         batch_size: training batch size per device.
@@ -79,6 +86,7 @@ class ReasoningDataModule(LightningDataModule):
         test_path: str | None = None,
         hub_subset: str | None = None,
         answer_format: str | None = None,
+        protocol: str = "project",
         prompt: PromptSpec | None = None,
         max_length: int = 512,
         batch_size: int = 4,
@@ -99,6 +107,12 @@ class ReasoningDataModule(LightningDataModule):
         self.task = get_task(task)
         self.answer_format = get_answer_format(answer_format or self.task.answer_format)
         self.prompt = prompt or PromptSpec()
+        if protocol not in PROTOCOLS:
+            raise UserInputError(f"data.protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+        if protocol == "planning_tokens" and self.task.name not in UPSTREAM_TASKS:
+            raise UserInputError(
+                f"data.protocol=planning_tokens supports the tasks {', '.join(UPSTREAM_TASKS)}, not '{task}'"
+            )
         for name in ("max_length", "batch_size", "eval_batch_size", "pack_length"):
             if getattr(self.hparams, name) is not None and getattr(self.hparams, name) < 1:
                 raise UserInputError(f"data.{name} must be >= 1, got {getattr(self.hparams, name)}")
@@ -153,10 +167,13 @@ class ReasoningDataModule(LightningDataModule):
             return
         if self.typer is None and train is None:
             train = self._train_and_val()[0]
-        task = self.task.name
-        fit_on = [] if self.typer else [(e.question, split_steps(e.response, task)) for e in train or []]
+        solutions = {}  # id -> (question, steps, answer) of the examples the protocol keeps
+        for example in [*(train or []), *(e for split in splits.values() for e in split)]:
+            if (solution := self.solution(example)) is not None:
+                solutions[example.id] = solution
+        fit_on = [] if self.typer else [solutions[e.id][:2] for e in train or [] if e.id in solutions]
         items = {
-            name: [(e.id, e.question, split_steps(e.response, task)) for e in split] for name, split in splits.items()
+            name: [(e.id, *solutions[e.id][:2]) for e in split if e.id in solutions] for name, split in splits.items()
         }
         # Under DDP rank 0 alone embeds, fits and writes the cache; the other ranks receive its typer and types.
         trainer = self.trainer
@@ -212,13 +229,17 @@ class ReasoningDataModule(LightningDataModule):
         max_length drops a training/validation example (with a warning) but is an error at test time,
         where dropping questions would silently change the accuracy's denominator."""
         formatter, max_length, planning = self.formatter, self.hparams.max_length, self.planning
-        rows, truncated, dropped = [], [], []
+        rows, truncated, dropped, skipped = [], [], [], []
         self.gold_types[name] = {}
         for example in examples:
-            response = self.planned_response(example) if planning.active else example.response
+            if (solution := self.solution(example)) is None:
+                skipped.append(example.id)
+                continue
+            question, _, answer = solution
+            response = self.target(example, solution)
             self.gold_types[name][example.id] = dict(planning.count_types(response))
-            input_ids, labels = formatter.encode_example(example.question, response)
-            prompt_ids = formatter.encode_prompt(example.question, planning.eval_prefix())
+            input_ids, labels = formatter.encode_example(question, response)
+            prompt_ids = formatter.encode_prompt(question, planning.eval_prefix())
             if len(prompt_ids) >= max_length:
                 if name == "test":
                     raise UserInputError(
@@ -229,11 +250,10 @@ class ReasoningDataModule(LightningDataModule):
                 continue
             if len(input_ids) > max_length:
                 truncated.append(example.id)
-            answer = example.answer or self.answer_format.extract(example.response) or ""
             rows.append(
                 {
                     "id": example.id,
-                    "question": example.question,
+                    "question": question,
                     "answer": answer,
                     "input_ids": input_ids[:max_length],
                     "labels": labels[:max_length],
@@ -251,22 +271,40 @@ class ReasoningDataModule(LightningDataModule):
                 len(dropped),
                 first_ids(dropped),
             )
+        if skipped:
+            log.warning(
+                "%s: %d examples skipped as the planning-tokens code skips them%s",
+                name,
+                len(skipped),
+                first_ids(skipped),
+            )
         if not rows:
             raise UserInputError(f"data: no {name} examples fit data.max_length={max_length}")
         return datasets.Dataset.from_list(rows)
 
-    def planned_response(self, example: Example) -> str:
-        """The gold solution with its planning tokens: steps typed by the planning method, then the answer line."""
-        where = f"data: {self.source} example '{example.id}'"
-        if self.planning.method == "memory-reason":
-            steps, types = tagged_steps(example.response, where)
-        elif self.planning.method == "arithmetic":
-            steps = split_steps(example.response, self.task.name)
-            types = [arithmetic_types(step, self.planning.operators) for step in steps]
-        else:  # kmeans / vae: typed in `_type_steps`
-            steps = split_steps(example.response, self.task.name)
-            types = [[str(label)] for label in self.step_types[example.id]]
+    def solution(self, example: Example) -> tuple[str, list[str], str] | None:
+        """(question, solution steps, gold answer) under `data.protocol`; None for a record it skips."""
+        if self.hparams.protocol == "planning_tokens":
+            solution = upstream_solution(self.task.name, example.record)
+            return None if solution is None or (self.planning.active and not solution[1]) else solution
         answer = example.answer or self.answer_format.extract(example.response) or ""
+        steps = [] if self.planning.method == "memory-reason" else split_steps(example.response, self.task.name)
+        return example.question, steps, answer
+
+    def target(self, example: Example, solution: tuple[str, list[str], str]) -> str:
+        """The training target: the solution's steps behind their planning tokens then the answer line, or, without
+        planning tokens, the plain chain of thought (the task's own solution text under the project protocol)."""
+        _, steps, answer = solution
+        upstream = self.hparams.protocol == "planning_tokens"
+        if not self.planning.active:
+            return render_cot(steps, answer) if upstream else example.response
+        if self.planning.method == "memory-reason":
+            steps, types = tagged_steps(example.response, f"data: {self.source} example '{example.id}'")
+        elif self.planning.method == "arithmetic":
+            annotations = self.task.name not in ("math", "aqua")  # upstream reads <<...>> spans on GSM8K, not there
+            types = [arithmetic_types(step, self.planning.operators, annotations) for step in steps]
+        else:  # kmeans / vae: typed in `_type_steps`
+            types = [[str(label)] for label in self.step_types[example.id]]
         return self.planning.render(steps, types, answer)
 
     def train_dataloader(self) -> DataLoader:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +31,8 @@ class Example:
     question: str
     response: str
     answer: str
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+    """The source record as read (what `data.protocol: planning_tokens` renders from)."""
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,10 @@ def load_examples(task: Task, source: str | None, split: str, hub_subset: str | 
         if missing:
             raise UserInputError(f"{where(index)}: missing field {', '.join(repr(m) for m in missing)}")
         try:
-            examples.append(task.to_example(record, f"{split}-{index}"))
+            example = task.to_example(record, f"{split}-{index}")
         except UserInputError as error:  # a record the task cannot use: named by its place
             raise UserInputError(f"{where(index)}: {error}") from None
+        examples.append(replace(example, record=dict(record)))
     return examples
 
 

@@ -27,7 +27,6 @@ EXTENDED_OPERATORS = (*BASIC_OPERATORS, "^", "!", "sqrt", "frac", "cos", "sin", 
 TAGS = {"rag": "memory", "memory": "memory", "reason": "reason"}
 """Step tags of memory/reason data ("[rag]: ...", "[memory]: ...", "[reason]: ...") -> their key."""
 ANSWER_LINE = " The answer is: {answer}"
-_CALCULATOR_RE = re.compile(r"<<([^<>]*)>>")
 _TAG_RE = re.compile(r"^\s*\[([A-Za-z_]+)\]\s*:?\s*")
 
 
@@ -185,24 +184,20 @@ def split_steps(solution: str, task: str) -> list[str]:
 
 
 _OPERATOR_RE = {
-    "basic": re.compile(r"[-+*/]"),
-    "extended": re.compile(r"\\?\b(sqrt|frac|cos|sin|tan|log|ln|times)\b|([-+*/^!])"),
+    name: re.compile("|".join(re.escape(key) for key in keys))
+    for name, keys in (("basic", BASIC_OPERATORS), ("extended", EXTENDED_OPERATORS))
 }
+"""The operator keys as one alternation, no word boundaries (as the planning-tokens code: "using" holds "sin")."""
+_ANNOTATION_SPAN_RE = re.compile(r"<<.*>>")
+"""Greedy: one span from a step's first "<<" to its last ">>" (both sides of "=", and the text between)."""
 
 
-def arithmetic_types(step: str, operators: str = "basic") -> list[str]:
-    """Every operator of the step's `<<...>>` calculator annotations in order, repeats kept (the whole
-    step when it has none and the extended list is used, as MATH/AQuA carry no annotations);
+def arithmetic_types(step: str, operators: str = "basic", annotations: bool = True) -> list[str]:
+    """The planning-tokens code's arithmetic step types: every operator key found, in order, repeats kept, in the
+    step's `<<...>>` span when `annotations` (GSM8K) and the step has one, else in the whole step text;
     ["assignment"] when there is none."""
-    annotations = _CALCULATOR_RE.findall(step)
-    if annotations:
-        texts = [annotation.split("=")[0] for annotation in annotations]
-    else:
-        texts = [step] if operators == "extended" else []
-    found = []
-    for text in texts:
-        for match in _OPERATOR_RE[operators].finditer(text):
-            found.append(next(group for group in match.groups() if group) if match.groups() else match.group(0))
+    spans = _ANNOTATION_SPAN_RE.findall(step) if annotations else []
+    found = [key for text in (spans or [step]) for key in _OPERATOR_RE[operators].findall(text)]
     return found or ["assignment"]
 
 

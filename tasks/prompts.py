@@ -23,7 +23,8 @@ class PromptSpec:
     style: Literal["plain", "chat"] = "chat"
     """plain: `template` filled with the question; chat: the tokenizer's chat template."""
     template: str = "Question: {question}\nAnswer:"
-    """The plain-style prompt; `{question}` is replaced by the question text."""
+    """The plain-style prompt; `{question}` is replaced by the question text (the planning-tokens code's is
+    "Question: {question}\\n ")."""
     system_prompt: str | None = None
     """Chat style only: a system message (None keeps the chat template's own default)."""
 
@@ -56,8 +57,9 @@ class PromptFormatter:
         return ids + self.encode_response(response_start)[:-1] if response_start else ids
 
     def encode_response(self, response: str) -> list[int]:
-        """Token ids of a target response, ending with EOS (plain style puts a space after 'Answer:')."""
-        if self.spec.style == "plain":
+        """Token ids of a target response, ending with EOS. Plain style puts a space after a template that ends
+        without one ('Answer:' -> ' 42'); after one that ends in whitespace ('...\\n ') the response is kept as is."""
+        if self.spec.style == "plain" and not self.spec.template[-1:].isspace():
             response = " " + response.lstrip()
         return self.tokenizer(response, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
 

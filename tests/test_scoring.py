@@ -294,7 +294,9 @@ def test_boolean_scoring():
 
 
 def test_registry_and_unknown_format():
-    assert set(ANSWER_FORMATS) == {"gsm8k", "math", "aqua", "boolean", "last_number", "letters_a_e", "letters_a_n"}
+    planning = {"planning_strict_gsm8k", "planning_strict_math", "planning_strict_aqua"}
+    letters = {"letters_a_e", "letters_a_n"}
+    assert set(ANSWER_FORMATS) == {"gsm8k", "math", "aqua", "boolean", "last_number", *planning, *letters}
     assert all(isinstance(fmt, AnswerFormat) and fmt.name == name for name, fmt in ANSWER_FORMATS.items())
     assert score_completion(ANSWER_FORMATS["gsm8k"], "#### 3", "3") == ("3", True)
     with pytest.raises(ValueError, match="gsm8k") as error:
