@@ -30,6 +30,8 @@ class Example:
     question: str
     response: str
     answer: str
+    prompt: str | None = None
+    """The prompt text exactly as given by the source (lm-eval tasks); None = rendered by `data.prompt`."""
 
 
 @dataclass(frozen=True)
