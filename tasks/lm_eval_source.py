@@ -70,6 +70,7 @@ class LmEvalRequest:
 def _import_lm_eval():
     try:
         import lm_eval.api.metrics
+        import lm_eval.defaults
         import lm_eval.tasks
     except ImportError:
         raise UserInputError(
@@ -113,8 +114,12 @@ def load_task(spec: LmEvalSpec):
         raise UserInputError(
             f"data.lm_eval.task '{spec.task}': metrics {other} are not averaged over questions (only mean is supported)"
         )
-    if spec.num_fewshot is not None:
+    # as lm-eval's simple_evaluate: a task's explicit 0 shots stay 0, none given means 0; its few-shot seed
+    if spec.num_fewshot is not None and task.get_config("num_fewshot") != 0:
         task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=lm_eval.defaults.DEFAULT_OTHER_SEED)
     return task
 
 
