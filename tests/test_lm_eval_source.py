@@ -98,8 +98,8 @@ def task_copies(tmp_path_factory) -> tuple[Path, list[dict]]:
 def lm_eval_run(folder: Path, task: str, questions: list[str], completions: list[list[str]]) -> tuple[dict, ScriptedLM]:
     """lm-eval's own evaluation of `task` with the scripted completions: {filter: [per-doc sample logs]}."""
     model = ScriptedLM(questions, completions)
-    results = lm_eval.simple_evaluate(model=model, tasks=[task], log_samples=True, fewshot_as_multiturn=False,
-                                      task_manager=TaskManager(include_path=str(folder), include_defaults=False))  # fmt: skip
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    results = lm_eval.simple_evaluate(model=model, tasks=[task], log_samples=True, task_manager=manager)
     by_filter: dict[str, list[dict]] = {}
     for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
         by_filter.setdefault(sample["filter"], []).append(sample)
