@@ -1,7 +1,7 @@
 """Tokens/s of generation engine vllm vs hf on the same model and prompts, in one run.
 
 1. The decoding study's shape: `--questions` GSM8K test questions x `--samples` samples (32), 256 new tokens,
-   one knob on (min_p 0.1 at T = 1), the study's plain few-shot prompt.
+   one knob on (min_p 0.1 at T = 1), the study's few-shot prompts (its lm-eval task, configs/lm_eval).
 2. Greedy `test`: `--greedy-questions` questions, one completion each, `--greedy-tokens` new tokens.
 Lengths are forced (min_new_tokens = max_new_tokens, no stop strings) so both engines generate exactly
 questions x samples x tokens tokens. vLLM's engine start (load, worker spawn) is timed apart, not in tokens/s.
@@ -14,6 +14,7 @@ is not its purpose). vLLM's CPU backend spawns workers: this script's entry poin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,7 @@ from evaluation.decoding import DecodingSpec  # noqa: E402
 from evaluation.generation import GenerationSpec, VllmSettings, generate  # noqa: E402
 from evaluation.vllm_engine import close_engine, engine, generate_vllm  # noqa: E402
 from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from tasks.examples import TASKS, load_examples  # noqa: E402
-from tasks.prompts import PromptFormatter, PromptSpec  # noqa: E402
+from tasks.lm_eval_source import LmEvalSpec, build_requests, encode_context, load_task  # noqa: E402
 
 
 def hf_engine(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec, batch: int) -> None:
@@ -69,9 +69,10 @@ def main() -> None:
     spec = ModelSpec(name=args.model, dtype=args.dtype)
     model, tokenizer = load_model(spec).requires_grad_(False).eval(), load_tokenizer(spec)
     study = yaml.safe_load((REPO / "configs/decoding_gsm8k.yaml").read_text())
-    formatter = PromptFormatter(tokenizer, PromptSpec(**study["data"]["prompt"]))
-    test = load_examples(TASKS["gsm8k"], None, "test")[: max(args.questions, args.greedy_questions)]
-    prompts = [formatter.encode_prompt(example.question) for example in test]
+    os.chdir(REPO)  # the task's include path and data files are relative to the repository root
+    task_spec = LmEvalSpec(**study["data"]["lm_eval"])
+    requests = build_requests(load_task(task_spec), task_spec, range(max(args.questions, args.greedy_questions)))
+    prompts = [encode_context(tokenizer, request.context) for request in requests]
     settings = VllmSettings(dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
                             max_model_len=2048, enforce_eager=True, cpu_kv_cache_gib=2)  # fmt: skip
     n, g = args.new_tokens, args.greedy_tokens

@@ -81,10 +81,11 @@ class ResumingDataLoader(DataLoader):
         yield from iterator
 
 
-def collate(features: list[dict], pad_id: int, answer_format: str | None = None) -> dict:
+def collate(features: list[dict], pad_id: int, answer_format: str | None = None, scorer: object | None = None) -> dict:
     """Right-padded `input_ids/attention_mask/labels` for the loss. Evaluation batches (`answer_format`
     given) also carry left-padded `prompt_ids/prompt_mask` to generate from, the examples' ids, questions,
-    gold answers and positions in the evaluation set, and the name of the answer format that scores them."""
+    gold answers and positions in the evaluation set, the name of the answer format that scores them, and the
+    `scorer` of a source that scores its own questions (lm-eval tasks)."""
     batch = {
         "input_ids": pad_sequences([f["input_ids"] for f in features], pad_id),
         "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in features], 0),
@@ -92,6 +93,8 @@ def collate(features: list[dict], pad_id: int, answer_format: str | None = None)
     }
     if answer_format is not None:
         batch["answer_format"] = answer_format
+        if scorer is not None:
+            batch["scorer"] = scorer
         batch["prompt_ids"] = pad_sequences([f["prompt_ids"] for f in features], pad_id, side="left")
         batch["prompt_mask"] = pad_sequences([[1] * len(f["prompt_ids"]) for f in features], 0, side="left")
         for key in ("id", "question", "answer"):

@@ -23,6 +23,15 @@ from datamodules.batching import (
 )
 from models.loading import ModelSpec, cache_dir, load_model, load_tokenizer
 from tasks.examples import Example, get_task, load_examples, seeded_subset
+from tasks.lm_eval_source import (
+    LM_EVAL_TASK,
+    LmEvalScorer,
+    LmEvalSpec,
+    build_requests,
+    encode_context,
+    load_task,
+    question_count,
+)
 from tasks.planning import CLUSTER_METHODS, PlanningSpec, arithmetic_types, split_steps, tagged_steps
 from tasks.planning_upstream import TASKS as UPSTREAM_TASKS
 from tasks.planning_upstream import render_cot, upstream_solution
@@ -51,7 +60,10 @@ class ReasoningDataModule(LightningDataModule):
     Args:
         task: gsm8k | math | aqua | instruction ({"instruction","input","output"[,"answer"]} records) |
             strategyqa ({"question","steps","answer"} records, steps tagged [rag]/[memory]/[reason]) |
-            commonsenseqa / truthfulqa_mc1 (the same with "choices" and an answer letter, A-E / A-N).
+            commonsenseqa / truthfulqa_mc1 (the same with "choices" and an answer letter, A-E / A-N) |
+            lm_eval (an lm-evaluation-harness task, named in `lm_eval`; test / predict only: lm-eval renders each
+            prompt, its stop strings and length, and scores the completions with the task's filters and metric).
+        lm_eval: the lm-eval task and how lm-eval renders it (task lm_eval only).
         train_path: training data, a .json/.jsonl file or a hub id; None = the task's bundled train split.
         test_path: test data (test and predict), likewise; None = the task's bundled test split.
         hub_subset: the hub dataset's configuration name (e.g. "main" for openai/gsm8k).
@@ -101,15 +113,25 @@ class ReasoningDataModule(LightningDataModule):
         num_workers: int = 0,
         tokenizer: PreTrainedTokenizerBase | None = None,
         planning: PlanningSpec | None = None,
+        lm_eval: LmEvalSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "planning"])
-        self.task = get_task(task)
-        self.answer_format = get_answer_format(answer_format or self.task.answer_format)
+        self.lm_eval = lm_eval if task == LM_EVAL_TASK else None
+        if task == LM_EVAL_TASK:
+            for name, value in (("prompt", prompt), ("answer_format", answer_format), ("test_path", test_path)):
+                if value is not None:
+                    raise UserInputError(f"data.{name} does not apply to data.task lm_eval: the lm-eval task sets it")
+            self.lm_eval = lm_eval or LmEvalSpec()
+        elif lm_eval is not None:
+            raise UserInputError(f"data.lm_eval applies to data.task lm_eval only (data.task is {task})")
+        self.task = None if self.lm_eval else get_task(task)
+        self.answer_format = None if self.lm_eval else get_answer_format(answer_format or self.task.answer_format)
+        self.scorer: LmEvalScorer | None = None
         self.prompt = prompt or PromptSpec()
         if protocol not in PROTOCOLS:
             raise UserInputError(f"data.protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
-        if protocol == "planning_tokens" and self.task.name not in UPSTREAM_TASKS:
+        if protocol == "planning_tokens" and (self.task is None or self.task.name not in UPSTREAM_TASKS):
             raise UserInputError(
                 f"data.protocol=planning_tokens supports the tasks {', '.join(UPSTREAM_TASKS)}, not '{task}'"
             )
@@ -135,6 +157,11 @@ class ReasoningDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
+        if stage in ("fit", "validate") and self.lm_eval is not None:
+            raise UserInputError("data.task lm_eval is an evaluation source: use it with test or predict")
+        if stage in ("test", "predict") and "test" not in self.splits and self.lm_eval is not None:
+            self.test_examples = self._lm_eval_examples()
+            self.splits["test"] = self._encode(self.test_examples, "test")
         if stage in ("fit", "validate") and "train" not in self.splits:
             train, val = self._train_and_val()
             self._type_steps({"train": train, "validation": val}, train)
@@ -147,6 +174,16 @@ class ReasoningDataModule(LightningDataModule):
             self.test_examples = examples
             if self.planning.method not in CLUSTER_METHODS:  # learned types: encoded once a checkpoint is restored
                 self.splits["test"] = self._encode(examples, "test")
+
+    def _lm_eval_examples(self) -> list[Example]:
+        """The lm-eval task's questions (`test_limit`: the seeded subset of its docs), each with the prompt lm-eval
+        builds for it; sets the scorer that scores their completions with the task's filters and metric."""
+        task = load_task(self.lm_eval)
+        indices = seeded_subset(range(question_count(task)), self.hparams.test_limit, self.hparams.seed)
+        requests = build_requests(task, self.lm_eval, indices, self.tokenizer)
+        self.scorer = LmEvalScorer(task, requests, self.lm_eval.max_gen_toks)
+        self.source = f"lm-eval task {self.lm_eval.task}"
+        return [Example(r.id, r.question, r.target_delimiter + r.target, r.target, prompt=r.context) for r in requests]
 
     def _train_and_val(self) -> tuple[list[Example], list[Example]]:
         """The training examples (after `train_limit`) and the held-out validation questions (seeded)."""
@@ -228,7 +265,7 @@ class ReasoningDataModule(LightningDataModule):
         """Tokenise; a response running past max_length is truncated. A prompt that alone reaches
         max_length drops a training/validation example (with a warning) but is an error at test time,
         where dropping questions would silently change the accuracy's denominator."""
-        formatter, max_length, planning = self.formatter, self.hparams.max_length, self.planning
+        max_length, planning = self.hparams.max_length, self.planning
         rows, truncated, dropped, skipped = [], [], [], []
         self.gold_types[name] = {}
         for example in examples:
@@ -236,10 +273,9 @@ class ReasoningDataModule(LightningDataModule):
                 skipped.append(example.id)
                 continue
             question, _, answer = solution
-            response = self.target(example, solution)
+            response = self.target(example, solution) if example.prompt is None else example.response
             self.gold_types[name][example.id] = dict(planning.count_types(response))
-            input_ids, labels = formatter.encode_example(question, response)
-            prompt_ids = formatter.encode_prompt(question, planning.eval_prefix())
+            input_ids, labels, prompt_ids = self._token_ids(example, question, response)
             if len(prompt_ids) >= max_length:
                 if name == "test":
                     raise UserInputError(
@@ -283,13 +319,30 @@ class ReasoningDataModule(LightningDataModule):
         return datasets.Dataset.from_list(rows)
 
     def solution(self, example: Example) -> tuple[str, list[str], str] | None:
-        """(question, solution steps, gold answer) under `data.protocol`; None for a record it skips."""
+        """(question, solution steps, gold answer) under `data.protocol`; None for a record it skips. A source's own
+        prompt (lm-eval) comes with its target and gold as the task gives them."""
+        if example.prompt is not None:
+            return example.question, [], example.answer or ""
         if self.hparams.protocol == "planning_tokens":
             solution = upstream_solution(self.task.name, example.record)
             return None if solution is None or (self.planning.active and not solution[1]) else solution
         answer = example.answer or self.answer_format.extract(example.response) or ""
         steps = [] if self.planning.method == "memory-reason" else split_steps(example.response, self.task.name)
         return example.question, steps, answer
+
+    def _token_ids(self, example: Example, question: str, response: str) -> tuple[list[int], list[int], list[int]]:
+        """(input_ids, labels, prompt_ids): prompt + response with the prompt masked out of the loss, and the
+        prompt to generate from (ending with the planning prefix). A source's own prompt text (lm-eval) is encoded
+        as lm-eval's HF model encodes it; the response follows it as it is."""
+        prefix = self.planning.eval_prefix()
+        if example.prompt is None:
+            input_ids, labels = self.formatter.encode_example(question, response)
+            return input_ids, labels, self.formatter.encode_prompt(question, prefix)
+        tokenizer = self.tokenizer
+        prompt_ids = encode_context(tokenizer, example.prompt, self.lm_eval.add_bos_token)
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+        return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids, prompt_ids + prefix_ids
 
     def target(self, example: Example, solution: tuple[str, list[str], str]) -> str:
         """The training target: the solution's steps behind their planning tokens then the answer line, or, without
@@ -361,8 +414,10 @@ class ReasoningDataModule(LightningDataModule):
         )
 
     def _collate(self, with_prompts: bool):
+        name = f"lm_eval:{self.lm_eval.task}" if self.lm_eval else self.answer_format.name
         return partial(
             collate,
             pad_id=self.tokenizer.pad_token_id,
-            answer_format=self.answer_format.name if with_prompts else None,
+            answer_format=name if with_prompts else None,
+            scorer=self.scorer if with_prompts else None,
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from dataclasses import replace
 
 import torch
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
@@ -36,8 +38,11 @@ def evaluate_batch(
 ) -> list[EvaluationRow]:
     """One row per question of an evaluation batch (left-padded `prompt_ids/prompt_mask`, `id`, `question`,
     `answer`, `answer_format`, optional `position`). `generation.repeats` = n samples per question give the
-    majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample."""
+    majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample. A batch with a
+    `scorer` (an lm-eval task) is generated with the task's stop strings and length and scored by it."""
     recorder = RankRecorder(rank_log) if rank_log is not None else None
+    if (scorer := batch.get("scorer")) is not None:
+        generation = task_generation(generation, scorer)
     if generation.engine == "vllm":
         if past_key_values is not None:
             raise UserInputError("generation.engine=vllm cannot continue from a prefill (SLOT): use hf")
@@ -48,6 +53,17 @@ def evaluate_batch(
     else:
         completions = _generate_hf(model, tokenizer, batch, generation, recorder, past_key_values)
     return _rows(batch, completions, generation, planning or PlanningSpec(), recorder, arm)
+
+
+def task_generation(generation: GenerationSpec, scorer) -> GenerationSpec:
+    """`generation` with the lm-eval task's stop strings and length (a warning when it had its own)."""
+    if generation.stop or generation.max_new_tokens != GenerationSpec.max_new_tokens:
+        warnings.warn(
+            f"{scorer.name}: the lm-eval task's stop strings and max tokens ({scorer.max_new_tokens}) replace "
+            "model.generation's stop and max_new_tokens (set data.lm_eval.max_gen_toks instead)",
+            stacklevel=3,
+        )
+    return replace(generation, stop=list(scorer.stop), max_new_tokens=scorer.max_new_tokens)
 
 
 def _generate_hf(model, tokenizer, batch: dict, generation: GenerationSpec, recorder, past_key_values) -> list[str]:
@@ -71,13 +87,17 @@ def _rows(
     batch: dict, completions: list[str], generation: GenerationSpec, planning: PlanningSpec, recorder, arm
 ) -> list[EvaluationRow]:
     """Scored rows of a batch's completions (planning tokens removed first), the same for every engine."""
-    n, rows = generation.repeats, []
+    n, rows, scorer = generation.repeats, [], batch.get("scorer")
     positions = batch.get("position") or [0] * len(batch["id"])
     for index, question_id in enumerate(batch["id"]):
         samples = completions[index * n : (index + 1) * n]
-        gold = batch["answer"][index]
-        scored = [score_completion(batch["answer_format"], planning.remove_tokens(text), gold) for text in samples]
-        predictions, correct = [p for p, _ in scored], [c for _, c in scored]
+        gold, texts = batch["answer"][index], [planning.remove_tokens(text) for text in samples]
+        extra = {}
+        if scorer is not None:  # the task's own filters and metric; a sample without an answer votes for its fallback
+            predictions, correct, extra["lm_eval"] = scorer.score(question_id, texts)
+        else:
+            scored = [score_completion(batch["answer_format"], text, gold) for text in texts]
+            predictions, correct = [p for p, _ in scored], [c for _, c in scored]
         prediction, is_correct = (predictions[0], correct[0]) if n == 1 else majority_vote(predictions, correct)
         ranks = None
         if recorder is not None:
@@ -99,6 +119,7 @@ def _rows(
                 arm=arm,
                 metrics=question_metrics(predictions, correct, generation.at_k) if n > 1 else {},
                 ranks=ranks,
+                extra=extra,
             )
         )
     return rows

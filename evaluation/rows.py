@@ -108,7 +108,20 @@ def summarize(rows: list[EvaluationRow]) -> dict:
             summary[name] = sum(row.extra[flag] for row in rows) / len(rows)
     if "slot_loss" in rows[0].extra:
         summary["mean_final_loss"] = sum(row.extra["slot_loss"][-1] for row in rows) / len(rows)
+    summary.update(lm_eval_means([row.extra for row in rows]))
     return summary
+
+
+def lm_eval_means(records: list[dict]) -> dict[str, float]:
+    """{"lm_eval/<filter>/<metric>": mean over the questions} of an lm-eval task's per-question scores (as lm-eval
+    reports each filter's metric), from rows or records that carry "lm_eval"; {} otherwise."""
+    if not records or "lm_eval" not in records[0]:
+        return {}
+    names = [(f, metric) for f, metrics in records[0]["lm_eval"].items() for metric in metrics]
+    return {
+        f"lm_eval/{f}/{metric}": sum(record["lm_eval"][f][metric] for record in records) / len(records)
+        for f, metric in names
+    }
 
 
 def logged_metrics(rows: list[EvaluationRow]) -> dict[str, float]:
@@ -119,7 +132,7 @@ def logged_metrics(rows: list[EvaluationRow]) -> dict[str, float]:
         summary = summarize(arm_rows)
         names = {"accuracy": "accuracy", "loss": "loss", **{name: name for name in FORMAT_FLAGS.values()}}
         names.update({"mean_final_loss": "final_loss"})
-        names.update({name: name for name in summary if "@" in name})
+        names.update({name: name for name in summary if "@" in name or name.startswith("lm_eval/")})
         prefix = f"{arm}/" if arm is not None else ""
         metrics.update({prefix + names[key]: float(value) for key, value in summary.items() if key in names})
     return metrics

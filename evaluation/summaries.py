@@ -36,6 +36,10 @@ def evaluation_summary(rows: list[dict]) -> dict:
         for name in mean_metrics(rows):
             summary.update(metric_summary(name, [row["metrics"][name] for row in rows]))
         summary["single_sample_accuracy"] = sample_spread([row["samples_correct"] for row in rows])
+    for filter_name, metrics in rows[0].get("lm_eval", {}).items():  # an lm-eval task's filters, as lm-eval reports
+        for metric in metrics:
+            values = [row["lm_eval"][filter_name][metric] for row in rows]
+            summary.update(metric_summary(f"lm_eval/{filter_name}/{metric}", values))
     summary["intervals"] = METHOD
     return summary
 

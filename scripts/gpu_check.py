@@ -227,7 +227,7 @@ def greedy_fp32_matches_cpu(ctx: Context) -> dict:
         ctx.model("small"),
         "--data.test_limit",
         str(ctx.n(8, 2)),
-        "--model.init_args.generation.max_new_tokens",
+        "--data.lm_eval.max_gen_toks",
         str(ctx.n(48, 4)),
         "--model.init_args.rank_log",
         "null",
@@ -257,7 +257,7 @@ def decoding_repeats(ctx: Context) -> dict:
                       ctx.model("small"), "--data.test_limit", str(ctx.n(16, 2)),
                       "--model.init_args.generation.repeats", str(repeats),
                       "--model.init_args.generation.at_k", f"[1,{repeats}]",
-                      "--model.init_args.generation.max_new_tokens", str(ctx.n(64, 4)), "--data.max_length", "1536",
+                      "--data.lm_eval.max_gen_toks", str(ctx.n(64, 4)), "--data.max_length", "1536",
                       name="decoding")  # fmt: skip
     metrics = metrics_of(cli)
     if f"test/maj@{repeats}" not in metrics or f"test/pass@{repeats}" not in metrics:
@@ -325,7 +325,7 @@ def vllm_engine(ctx: Context) -> dict:
     for engine in ("hf", "vllm"):
         ctx.run_cli("test", ["decoding_gsm8k.yaml", "decoding/greedy.yaml"], "--model.init_args.backbone.name",
                     ctx.model("small"), "--data.test_limit", str(ctx.n(16, 2)), "--data.max_length", "1536",
-                    "--model.init_args.generation.max_new_tokens", str(ctx.n(64, 4)),
+                    "--data.lm_eval.max_gen_toks", str(ctx.n(64, 4)),
                     "--model.init_args.generation.engine", engine, name=f"engine_{engine}")  # fmt: skip
         samples = next(path for path in ctx.run_dir(f"engine_{engine}").glob("samples/test_step*.jsonl")
                        if not path.name.endswith("_ranks.jsonl"))  # fmt: skip

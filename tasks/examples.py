@@ -33,6 +33,8 @@ class Example:
     answer: str
     record: dict = field(default_factory=dict, compare=False, repr=False)
     """The source record as read (what `data.protocol: planning_tokens` renders from)."""
+    prompt: str | None = None
+    """The prompt text exactly as given by the source (lm-eval tasks); None = rendered by `data.prompt`."""
 
 
 @dataclass(frozen=True)

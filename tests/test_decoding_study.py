@@ -83,7 +83,7 @@ def test_every_decoding_config_stacks_on_the_study(strategy, tiny_llama, tmp_pat
     for name, value in wanted["decoding"].items():
         assert getattr(generation.decoding, name) == value
     assert generation.repeats == wanted.get("repeats", 32)
-    assert cli.datamodule.prompt.style == "plain" and cli.datamodule.prompt.template.count("The answer is") == 5
+    assert cli.datamodule.lm_eval.task == "gsm8k_fewshot"  # upstream's lm-eval task renders and scores
 
 
 # ------------------------------------------------------------------------------------------------- rank logs
@@ -143,7 +143,7 @@ def study_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
     return [
         "--config", str(STUDY), "--model.init_args.backbone.name", str(model),
         "--data.test_limit", "3", "--data.eval_batch_size", "2", "--data.max_length", "2048",
-        "--model.init_args.generation.max_new_tokens", "6", "--model.init_args.generation.repeats", "4",
+        "--data.lm_eval.max_gen_toks", "6", "--model.init_args.generation.repeats", "4",
         "--model.init_args.generation.at_k", "[1, 2, 4]",
         "--model.init_args.rank_log.low_confidence", "1.0",
         "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(save_dir),
@@ -164,6 +164,9 @@ def test_repeats_report_maj_and_pass_at_k_with_aligned_rank_logs(tiny_llama, tmp
     assert summary["samples_per_question"] == 4 and summary["questions"] == 3
     for name in ("maj@1", "maj@2", "maj@4", "pass@1", "pass@2", "pass@4"):
         assert summary[name] == pytest.approx(sum(row["metrics"][name] for row in rows) / 3)
+    first = sum(row["lm_eval"]["score-first"]["exact_match"] for row in rows) / 3  # the task's own filter and metric
+    assert summary["lm_eval/score-first/exact_match"] == pytest.approx(first)
+    assert first == pytest.approx(sum(row["samples_correct"][0] for row in rows) / 3)
     assert summary["accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 3)
     wilson = binomtest(sum(row["correct"] for row in rows), 3).proportion_ci(method="wilson")
     assert summary["accuracy_ci95"] == pytest.approx([wilson.low, wilson.high])
@@ -365,14 +368,14 @@ def test_analysis_defaults_are_the_reference_semantics(tmp_path):
 def test_decoding_study_traces_and_calibration_on_the_embedded_model(tmp_path):
     """The few-shot study with 4 samples per question on 2 questions, then traces -> grid -> a decoding config."""
     args = ["test", "--config", str(STUDY), "--data.test_limit", "2", "--data.eval_batch_size", "2",
-            "--model.init_args.generation.max_new_tokens", "32", "--model.init_args.generation.repeats", "4",
+            "--data.lm_eval.max_gen_toks", "32", "--model.init_args.generation.repeats", "4",
             "--model.init_args.generation.at_k", "[1, 4]", "--trainer.accelerator", "cpu",
             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]  # fmt: skip
     assert run_main(args) == 0
     samples = tmp_path / "decoding_gsm8k/version_0/samples"
     rows = read_jsonl(samples / "test_step0.jsonl")
     assert len(rows) == 2 and all(len(row["completions"]) == 4 for row in rows)
-    assert sum(p is not None for row in rows for p in row["predictions"]) >= 4  # the few-shot format is followed
+    assert sum(p != "[invalid]" for row in rows for p in row["predictions"]) >= 4  # the few-shot format is followed
     summary = json.loads((samples / "test_step0_summary.json").read_text())
     assert {"maj@1", "maj@4", "pass@1", "pass@4"} <= summary.keys() and summary["pass@4"] >= summary["pass@1"]
     assert len(read_jsonl(samples / "test_step0_ranks.jsonl")) == 8

@@ -232,7 +232,7 @@ def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
     common = ["--config", str(REPO / "configs/decoding_gsm8k.yaml"),
               "--config", str(REPO / "configs/decoding/greedy.yaml"),
               "--data.test_limit", "16", "--data.eval_batch_size", "8", "--model.init_args.backbone.dtype", "float32",
-              "--model.init_args.generation.max_new_tokens", "64",
+              "--data.lm_eval.max_gen_toks", "64",
               "--trainer.enable_progress_bar", "false"]  # fmt: skip
     rows = {}
     for engine, extra in (("hf", []), ("vllm", [*VLLM_ON_CPU, "--model.init_args.generation.vllm.dtype", "float32"])):
