@@ -2,20 +2,17 @@
 
 Fine-tuning validation, `test`, `predict` and every SLOT arm call `evaluate_batch`; SLOT adds its delta with
 a forward hook around the call and continues from its own prefill (`past_key_values`), so SLOT with 0
-iterations is exactly `test`. The prompts already end with the model's planning prefix (the datamodule
-appends `PlanningSpec.eval_prefix()`).
+iterations is exactly `test`. Sampling seeds every sample of every question on its own (evaluation/seeding.py):
+one rule for both engines and every caller. The prompts already end with the model's planning prefix (the
+datamodule appends `PlanningSpec.eval_prefix()`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-
-import torch
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
-from evaluation.generation import GenerationSpec, generate
+from evaluation.generation import GenerationSpec, announce_engine, generate
 from evaluation.rank_log import RankLogSpec, RankRecorder
 from evaluation.rows import EvaluationRow
 from evaluation.sampling_metrics import majority_vote, question_metrics
@@ -41,20 +38,11 @@ def evaluate_batch(
     if generation.engine == "vllm":
         if past_key_values is not None:
             raise UserInputError("generation.engine=vllm cannot continue from a prefill (SLOT): use hf")
-        seeds = [batch_seed(generation.seed, [question_id]) for question_id in batch["id"]]
         completions = generate_vllm(
-            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], generation, seeds, recorder
+            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], generation, batch["id"], recorder
         )
     else:
-        completions = _generate_hf(model, tokenizer, batch, generation, recorder, past_key_values)
-    return _rows(batch, completions, generation, planning or PlanningSpec(), recorder, arm)
-
-
-def _generate_hf(model, tokenizer, batch: dict, generation: GenerationSpec, recorder, past_key_values) -> list[str]:
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if not generation.decoding.greedy:
-            torch.manual_seed(batch_seed(generation.seed, batch["id"]))
+        announce_engine("hf", str(model.dtype).removeprefix("torch."))
         completions = generate(
             model,
             tokenizer,
@@ -63,8 +51,9 @@ def _generate_hf(model, tokenizer, batch: dict, generation: GenerationSpec, reco
             generation,
             past_key_values=past_key_values,
             rank_recorder=recorder,
+            question_ids=batch["id"],
         )
-    return completions
+    return _rows(batch, completions, generation, planning or PlanningSpec(), recorder, arm)
 
 
 def _rows(
@@ -102,9 +91,3 @@ def _rows(
             )
         )
     return rows
-
-
-def batch_seed(seed: int, question_ids: list[str]) -> int:
-    """A seed determined by `seed` and the batch's questions (stable across processes and runs)."""
-    digest = hashlib.sha256(json.dumps([seed, list(question_ids)]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63)
