@@ -189,6 +189,36 @@ def test_vllm_adapter_follows_removals_moves_and_swaps():
         )
 
 
+@needs_vllm
+def test_vllm_sends_one_request_per_sample_seeded_as_the_hf_engine(tiny_llama, monkeypatch):
+    """Question q's sample k is its own request with seed `sample_seed(seed, q, k)`, the HF engine's rule; the
+    completions come back in the HF engine's order (question i's samples at i*n .. i*n+n-1)."""
+    from types import SimpleNamespace
+
+    from evaluation import vllm_engine
+    from evaluation.seeding import sample_seed
+    from models.loading import ModelSpec, load_model, load_tokenizer
+
+    sent = {}
+
+    class RecordingLLM:
+        def generate(self, prompts, params, use_tqdm):
+            sent.update(prompts=prompts, params=params)
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[40 + i])]) for i in range(len(prompts))]
+
+    monkeypatch.setattr(vllm_engine, "engine", lambda *args: RecordingLLM())
+    spec = ModelSpec(name=str(tiny_llama))
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    pad = tokenizer.pad_token_id
+    ids, mask = torch.tensor([[pad, 7, 8], [9, 10, 11]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    generation = GenerationSpec(repeats=3, at_k=[1], decoding=DecodingSpec(temperature=0.8), seed=5)
+    completions = vllm_engine.generate_vllm(model, tokenizer, ids, mask, generation, ["qa", "qb"])
+    assert [prompt["prompt_token_ids"] for prompt in sent["prompts"]] == [[7, 8]] * 3 + [[9, 10, 11]] * 3
+    assert [params.seed for params in sent["params"]] == [sample_seed(5, q, k) for q in ("qa", "qb") for k in range(3)]
+    assert all(params.n == 1 for params in sent["params"])
+    assert completions == [tokenizer.decode([40 + i], skip_special_tokens=True) for i in range(6)]
+
+
 # ------------------------------------------------------------------------------------- the engine end to end
 VLLM_ON_CPU = [
     "--model.init_args.generation.engine", "vllm",
