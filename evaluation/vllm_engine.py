@@ -56,11 +56,10 @@ def engine(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings:
 
     folder = merged_folder(model, tokenizer, Path(tempfile.mkdtemp(prefix="reasoning-lab-vllm-")))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
-    dtype = engine_dtype(model, settings)
     llm = LLM(
         model=str(folder),
         tokenizer=str(folder),
-        dtype=dtype,
+        dtype=engine_dtype(model, settings),
         tensor_parallel_size=settings.tensor_parallel_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_model_len=settings.max_model_len,
