@@ -87,3 +87,30 @@ def test_generate_gives_a_question_the_same_samples_in_any_batch(tiny_llama):
     assert samples(["a", "b", "c"]) == alone and samples(["c", "a"]) == {q: alone[q] for q in "ca"}
     assert torch.equal(torch.get_rng_state(), state)
     assert all(len(set(alone[q])) > 1 for q in texts)  # a random model at T = 1.5: the samples differ
+
+
+def test_slot_arm_samples_as_test_does_at_batch_size_1(tiny_llama):
+    """SLOT with 0 iterations on a batch of 3 (continuing from its own prefill) samples each question exactly as
+    `test` samples it alone: one seeding rule for every caller of the evaluation path."""
+    from datamodules.reasoning import ReasoningDataModule
+    from evaluation.pipeline import evaluate_batch
+    from evaluation.slot import SlotArm
+    from lightning_modules.slot_eval import SLOTEvaluator
+    from tasks.prompts import PromptSpec
+
+    generation = GenerationSpec(max_new_tokens=8, decoding=DecodingSpec(temperature=1.5, top_p=0.95))
+    slot = SLOTEvaluator(ModelSpec(name=str(tiny_llama)), arms=[SlotArm(iters=0)], generation=generation)
+
+    def loader(batch_size: int):
+        data = ReasoningDataModule(tokenizer=slot.tokenizer, prompt=PromptSpec(style="plain"), test_limit=3,
+                                   eval_batch_size=batch_size)  # fmt: skip
+        data.setup("test")
+        return data.test_dataloader()
+
+    batch = next(iter(loader(3)))
+    assert len(batch["id"]) == 3
+    slot.test_step(batch, 0)
+    alone = {}
+    for single in loader(1):
+        alone |= {row.id: row.completions for row in evaluate_batch(slot.model, slot.tokenizer, single, generation)}
+    assert {row.id: row.completions for row in slot.stage_rows} == alone
