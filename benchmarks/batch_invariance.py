@@ -84,33 +84,34 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/batch_invariance.json"))
     args = parser.parse_args()
 
-    results: dict = {"arms": {}}
+    results = {
+        "model": args.model,
+        "questions": args.questions,
+        "new_tokens": args.new_tokens,
+        "decoding": "greedy",
+        "reference": "batch size 1 (no padding), same dtype",
+        "prompt": "the datamodule's default (chat template), GSM8K test subset of test_limit, seed 0",
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "arms": {},
+    }
     print(f"{'dtype':<10}{'order':<10}{'batch':>6}{'changed':>9}{'answers':>9}{'pad':>7}{'wall':>8}")
     for dtype in args.dtypes:
         spec = ModelSpec(name=args.model, dtype=dtype)
         model, tokenizer = load_model(spec).requires_grad_(False).eval(), load_tokenizer(spec)
         seconds, reference = timed(run, model, tokenizer, args, 1, "sorted")  # one question per batch: no padding
-        print(f"{dtype:<10}{'-':<10}{1:>6}{'-':>9}{'-':>9}{0:>7.1f}{seconds:>7.0f}s")
+        print(f"{dtype:<10}{'-':<10}{1:>6}{'-':>9}{'-':>9}{0:>7.1f}{seconds:>7.0f}s", flush=True)
         for order in args.orders:
             for batch_size in [b for b in args.batch_sizes if b != 1]:
                 seconds, found = timed(run, model, tokenizer, args, batch_size, order)
                 arm = {"dtype": dtype, "order": order, "batch_size": batch_size, **compare(reference, found)}
                 arm["seconds"] = round(seconds, 1)
                 results["arms"][f"{dtype}/{order}/{batch_size}"] = arm
-                print(f"{dtype:<10}{order:<10}{batch_size:>6}{arm['completions_changed']:>9}"
-                      f"{arm['predictions_changed']:>9}{arm['mean_padding']:>7.1f}{seconds:>7.0f}s")  # fmt: skip
+                write_json_atomic(Path(args.output), results)  # every finished arm is kept
+                changed, answers = arm["completions_changed"], arm["predictions_changed"]
+                print(f"{dtype:<10}{order:<10}{batch_size:>6}{changed:>9}{answers:>9}{arm['mean_padding']:>7.1f}"
+                      f"{seconds:>7.0f}s", flush=True)  # fmt: skip
         del model
-    results.update(
-        model=args.model,
-        questions=args.questions,
-        new_tokens=args.new_tokens,
-        decoding="greedy",
-        reference="batch size 1 (no padding), same dtype",
-        prompt="the datamodule's default (chat template), GSM8K test subset of test_limit, seed 0",
-        threads=torch.get_num_threads(),
-        machine=machine(),
-    )
-    write_json_atomic(Path(args.output), results)
     print(f"wrote {args.output}")
 
 
