@@ -2,8 +2,8 @@
 
 1. Top-k trace dump (`cli.py traces`: teacher-forced pass + top-k + JSONL lines) vs a plain teacher-forced pass
    on the same GSM8K train examples that only gathers the gold tokens' log-probabilities (target <= 1.10x).
-2. Sampling with every DecodingSpec knob on (one CorrectnessFirstProcessor) vs plain sampling at T = 1, and
-   plain sampling with rank logging: the per-token overhead, generation length forced equal.
+2. Sampling with every DecodingSpec knob on (one SeededSampler filtering with all of them) vs plain sampling at
+   T = 1, and plain sampling with rank logging: the per-token overhead, generation length forced equal.
 Each arm is timed `--repeats` times alternately; the minimum counts.
 
     python benchmarks/decoding.py [--examples 16] [--questions 4] [--new-tokens 64] [--repeats 2]
@@ -15,8 +15,6 @@ import argparse
 import io
 import sys
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -99,8 +97,7 @@ def main() -> None:
 
     def sample(decoding: DecodingSpec, ranks: bool = False) -> float:
         generation = GenerationSpec(max_new_tokens=n, min_new_tokens=n, decoding=decoding)
-        recorder = RankRecorder(RankLogSpec()) if ranks else None
-        torch.manual_seed(0)
+        recorder = RankRecorder(RankLogSpec()) if ranks else None  # samples seeded by generation.seed
         return timed(generate, model, tokenizer, ids, mask, generation, None, None, recorder)[0]
 
     sample(DecodingSpec(temperature=1.0))  # warm-up

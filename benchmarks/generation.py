@@ -49,7 +49,7 @@ def vllm_engine(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec
     """vLLM over all prompts at once (its scheduler batches them)."""
     ids = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     mask = pad_sequences([[1] * len(p) for p in prompts], 0, "left")
-    generate_vllm(model, tokenizer, ids, mask, spec, seeds=list(range(len(prompts))))
+    generate_vllm(model, tokenizer, ids, mask, spec, question_ids=[str(i) for i in range(len(prompts))])
 
 
 def main() -> None:

@@ -8,22 +8,14 @@ Ties: "the top K" is undefined when the K-th and (K+1)-th scaled logits are equa
 the K-th one is kept (as HF's top-k does), so the kept set depends on the distribution only, never on token
 ids (upstream breaks such ties arbitrarily). Exact ties are rare in float32, not in bf16 models' logits.
 
-When transformers' own warpers are used instead: HF applies its warpers one after another, each on what the
-previous one left, so two filtering rules together are not "the minimum K on one p" (epsilon after top-k
-compares the renormalised probabilities with its threshold). With a temperature plus at most ONE filtering
-rule, HF's chain (temperature first, then the filter, keeping at least the top token) is exactly the reference,
-ties included:
-- top_k: HF keeps the logits >= the k-th largest: the same set.
-- min_p, prob_threshold (HF epsilon_cutoff), hewitt_epsilon (HF eta_cutoff): HF keeps {p >= threshold}, or the
-  argmax when that is empty, with the same threshold formulas (eta: min(eps, sqrt(eps) exp(-H)), H of the scaled
-  logits); the processor computes p and H the same way, so both give bit-identical logits.
-- top_p is NOT equivalent and always goes through the processor: HF keeps a token when the mass before it is
-  strictly < top_p (as an ascending cumulative sum compared with 1 - top_p), the reference when it is <= top_p
-  (K = #{cumsum(p) <= top_p} + 1): p = (.5, .25, .125, ...) with top_p = .75 keeps 2 tokens in HF, 3 here.
-- temperature 0 is greedy decoding (do_sample=False): K = 1 keeps the argmax.
-Everything else (the new knobs, top_p, or two filtering rules) samples through `CorrectnessFirstProcessor` with
-HF's warpers neutralised (temperature 1, top_k 0, top_p 1, min_p 0, typical_p 1, no epsilon/eta), so nothing is
-filtered twice and no filtering setting is inherited from the model's generation_config.json.
+The HF engine samples through `evaluation.seeding.SeededSampler` (this filter, then one draw per sequence from
+its own seeded generator), vLLM through `evaluation.vllm_processor` (this filter, then vLLM's sampler): neither
+engine's own temperature / top-k / top-p / min-p is used, so nothing is filtered twice and no filtering setting
+is inherited from a model's generation_config.json. transformers' own warpers would not always agree: HF
+applies them one after another, each on what the previous one left, so two filtering rules together are not
+"the minimum K on one p", and its top_p keeps a token when the mass before it is strictly < top_p (the reference:
+<= top_p); with a temperature plus one of top_k, min_p, prob_threshold (epsilon), hewitt_epsilon (eta) they
+give the same kept set (tests/test_decoding.py checks both).
 """
 
 from __future__ import annotations
@@ -32,24 +24,8 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from core.errors import UserInputError
-
-NEUTRAL_SAMPLING = {
-    "do_sample": True,
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "min_p": 0.0,  # HF adds a MinP warper for any non-None value; at 0 it removes nothing
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-}
-"""GenerationConfig sampling fields under which HF adds no filtering warper of its own."""
-
-HF_FILTERS = {"top_k": "top_k", "min_p": "min_p", "prob_threshold": "epsilon_cutoff", "hewitt_epsilon": "eta_cutoff"}
-"""DecodingSpec knob -> the GenerationConfig field whose HF warper is exactly equivalent when it is alone."""
 
 
 @dataclass
@@ -118,6 +94,12 @@ class DecodingSpec:
     def greedy(self) -> bool:
         """Temperature 0: only the argmax is kept (greedy decoding)."""
         return self.temperature == 0
+
+    @property
+    def cuts(self) -> bool:
+        """Some rule may cut tokens (every knob but the temperature / EDT scaling, and greedy decoding)."""
+        scaling = ("temperature", "edt_var")
+        return self.greedy or any(getattr(self, f.name) != f.default for f in fields(self) if f.name not in scaling)
 
     @property
     def is_plain(self) -> bool:
@@ -203,6 +185,8 @@ def filter_logits(spec: DecodingSpec, logits: torch.Tensor) -> torch.Tensor:
     """The formulas, once for every engine: scaled logits [B, V] with everything outside the per-row top K at
     -inf (K the minimum over the active rules on the same p = softmax(scaled logits); one sort per batch)."""
     scaled = scale(spec, logits)
+    if not spec.cuts:  # K = V: nothing to sort
+        return scaled
     probs = scaled.softmax(dim=-1)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     k = keep_counts(spec, scaled, probs, probs.gather(-1, order))
@@ -224,34 +208,3 @@ def filter_rows(specs: list[DecodingSpec | None], logits: torch.Tensor) -> torch
         index = torch.tensor(rows, device=logits.device)
         logits[index] = filter_logits(specs[rows[0]], logits[index])
     return logits
-
-
-class CorrectnessFirstProcessor(LogitsProcessor):
-    """HF adapter of `filter_logits`: all of `DecodingSpec`'s rules in one processor (sampling from its output
-    samples from the renormalised kept set)."""
-
-    def __init__(self, spec: DecodingSpec) -> None:
-        self.spec = spec
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return filter_logits(self.spec, scores)
-
-
-def logits_processors(spec: DecodingSpec) -> tuple[dict, LogitsProcessorList]:
-    """(GenerationConfig keyword arguments, logits processors) that decode as `spec` says.
-
-    Greedy -> do_sample=False. A temperature with at most one of top_k/min_p/prob_threshold/hewitt_epsilon ->
-    HF's own (exactly equivalent) warpers, no processor. Anything else -> neutral HF sampling settings plus
-    [CorrectnessFirstProcessor(spec)].
-    """
-    if spec.greedy:
-        return {"do_sample": False}, LogitsProcessorList()
-    defaults = {f.name: f.default for f in fields(DecodingSpec)}
-    others = [name for name in defaults if name not in HF_FILTERS and name != "temperature"]
-    active = [name for name in HF_FILTERS if getattr(spec, name)]
-    if all(getattr(spec, name) == defaults[name] for name in others) and len(active) <= 1:
-        kwargs = {**NEUTRAL_SAMPLING, "temperature": float(spec.temperature)}
-        for name in active:  # top_k stays an int, the cut-offs floats (HF's warpers check the type)
-            kwargs[HF_FILTERS[name]] = type(NEUTRAL_SAMPLING[HF_FILTERS[name]])(getattr(spec, name))
-        return kwargs, LogitsProcessorList()
-    return dict(NEUTRAL_SAMPLING), LogitsProcessorList([CorrectnessFirstProcessor(spec)])

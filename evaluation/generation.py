@@ -7,7 +7,10 @@ Validation accuracy, `test`, `predict`, SLOT and the decoding studies all genera
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Literal
 
 import torch
@@ -21,8 +24,11 @@ from transformers import (
 )
 
 from core.errors import UserInputError
-from evaluation.decoding import DecodingSpec, logits_processors
+from evaluation.decoding import DecodingSpec
 from evaluation.rank_log import RankRecorder
+from evaluation.seeding import SeededSampler, sample_seeds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,8 +42,9 @@ class VllmSettings:
     """Fraction of GPU memory vLLM reserves (on vLLM's CPU backend: of host RAM; use ~0.3 there)."""
     max_model_len: int | None = None
     """Longest prompt + completion in tokens (None = the model's own limit)."""
-    dtype: str = "auto"
-    """Weights and activations: auto (the model's), float32, bfloat16 or float16."""
+    dtype: str = "model"
+    """Weights and activations: model (the evaluated model's own, as the HF engine runs it), auto (vLLM's choice:
+    bfloat16 for a float32 model), float32, bfloat16 or float16."""
     enforce_eager: bool = False
     """Skip graph capture / compilation (faster start, slower decoding)."""
     cpu_kv_cache_gib: int = 4
@@ -57,7 +64,7 @@ class VllmSettings:
             raise UserInputError(f"generation.vllm.dtype must be one of {', '.join(VLLM_DTYPES)}, got {self.dtype}")
 
 
-VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+VLLM_DTYPES = ("model", "auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -85,9 +92,9 @@ class GenerationSpec:
     vllm: VllmSettings = field(default_factory=VllmSettings)
     """Engine settings of `engine: vllm` (tensor parallelism, memory fraction, max model length, dtype)."""
     seed: int = 0
-    """Seed of sampling: each evaluation batch samples from this seed and its question ids (the training random
-    stream is left untouched), so with batch size 1 a question's samples do not depend on the process or order
-    it is evaluated in."""
+    """Seed of sampling: sample k of question q draws from its own stream, seeded by (seed, q, k)
+    (evaluation/seeding.py), so a question's samples depend on neither its batch, nor the process evaluating it,
+    nor the other questions; the training random stream is left untouched."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -120,19 +127,24 @@ NOT_INHERITED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_
 
 def generation_config(
     spec: GenerationSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-) -> tuple[GenerationConfig, LogitsProcessorList]:
-    """A GenerationConfig decided by `spec` alone, and the logits processors its decoding needs."""
-    sampling, processors = logits_processors(spec.decoding)
-    config = GenerationConfig(
+) -> GenerationConfig:
+    """A GenerationConfig decided by `spec` alone. It never samples: greedy decoding is its argmax, and sampling is
+    `SeededSampler`'s draw (the only finite logit), so none of HF's own warpers or random state is involved."""
+    return GenerationConfig(
         max_new_tokens=spec.max_new_tokens,
         min_new_tokens=spec.min_new_tokens or None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_token_ids(model, tokenizer),
         stop_strings=spec.stop or None,
+        do_sample=False,
         **NOT_INHERITED,
-        **sampling,
     )
-    return config, processors
+
+
+@cache
+def announce_engine(engine: str, dtype: str, why: str = "the model's") -> None:
+    """Log (once per process and setting) the engine and dtype that generate the completions."""
+    log.info("generation: engine %s in %s (%s)", engine, dtype, why)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -153,6 +165,7 @@ def generate(
     logits_processor: LogitsProcessorList | None = None,
     past_key_values: Cache | None = None,
     rank_recorder: RankRecorder | None = None,
+    question_ids: Sequence[str] | None = None,
 ) -> list[str]:
     """Completions (text after the prompt, special tokens and stop strings removed) of a left-padded batch.
 
@@ -162,9 +175,15 @@ def generate(
     `past_key_values` may hold a prefill of all but the last prompt tokens (positions from the mask's
     cumulative sum, as `generate` counts them): generation then continues from it without a second prefill.
     `rank_recorder` logs the rank of every chosen token under the model's raw distribution (rank_log.py).
+    Sampling seeds sample k of prompt i with (spec.seed, question_ids[i], k) (None: the ids are "0", "1", ...).
     """
     if prompt_ids.shape[1] and bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left-padded prompts (the last column is padding)")
+    question_ids = [str(i) for i in range(len(prompt_ids))] if question_ids is None else list(question_ids)
+    if len(question_ids) != len(prompt_ids):
+        raise ValueError(f"generate got {len(question_ids)} question ids for {len(prompt_ids)} prompts")
+    seeds = sample_seeds(spec.seed, question_ids, spec.repeats)
+    sampler = [] if spec.decoding.greedy else [SeededSampler(spec.decoding, seeds)]
     if spec.repeats > 1:
         if past_key_values is None and prompt_ids.shape[1] > 1:  # each prompt is prefilled once, not n times
             past_key_values = prefill_cache(model, prompt_ids, prompt_mask)
@@ -173,13 +192,13 @@ def generate(
         prompt_ids = prompt_ids.repeat_interleave(spec.repeats, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(spec.repeats, dim=0)
     extra = {"tokenizer": tokenizer} if spec.stop else {}  # stop strings are matched through it
-    config, decoding = generation_config(spec, model, tokenizer)
+    config = generation_config(spec, model, tokenizer)
     recorder = [rank_recorder] if rank_recorder is not None else []  # first: it sees the raw logits
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         generation_config=config,
-        logits_processor=LogitsProcessorList([*recorder, *(logits_processor or []), *decoding]),
+        logits_processor=LogitsProcessorList([*recorder, *(logits_processor or []), *sampler]),
         past_key_values=past_key_values,
         **extra,
     )

@@ -2,22 +2,20 @@
 
 Fine-tuning validation, `test`, `predict` and every SLOT arm call `evaluate_batch`; SLOT adds its delta with
 a forward hook around the call and continues from its own prefill (`past_key_values`), so SLOT with 0
-iterations is exactly `test`. The prompts already end with the model's planning prefix (the datamodule
-appends `PlanningSpec.eval_prefix()`).
+iterations is exactly `test`. Sampling seeds every sample of every question on its own (evaluation/seeding.py):
+one rule for both engines and every caller. The prompts already end with the model's planning prefix (the
+datamodule appends `PlanningSpec.eval_prefix()`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from dataclasses import replace
 
-import torch
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
-from evaluation.generation import GenerationSpec, generate
+from evaluation.generation import GenerationSpec, announce_engine, generate
 from evaluation.rank_log import RankLogSpec, RankRecorder
 from evaluation.rows import EvaluationRow
 from evaluation.sampling_metrics import majority_vote, question_metrics
@@ -40,18 +38,27 @@ def evaluate_batch(
     `answer`, `answer_format`, optional `position`). `generation.repeats` = n samples per question give the
     majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample. A batch with a
     `scorer` (an lm-eval task) is generated with the task's stop strings and length and scored by it."""
-    recorder = RankRecorder(rank_log) if rank_log is not None else None
     if (scorer := batch.get("scorer")) is not None:
         generation = task_generation(generation, scorer)
+    recorder = RankRecorder(rank_log) if rank_log is not None else None
     if generation.engine == "vllm":
         if past_key_values is not None:
             raise UserInputError("generation.engine=vllm cannot continue from a prefill (SLOT): use hf")
-        seeds = [batch_seed(generation.seed, [question_id]) for question_id in batch["id"]]
         completions = generate_vllm(
-            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], generation, seeds, recorder
+            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], generation, batch["id"], recorder
         )
     else:
-        completions = _generate_hf(model, tokenizer, batch, generation, recorder, past_key_values)
+        announce_engine("hf", str(model.dtype).removeprefix("torch."))
+        completions = generate(
+            model,
+            tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            generation,
+            past_key_values=past_key_values,
+            rank_recorder=recorder,
+            question_ids=batch["id"],
+        )
     return _rows(batch, completions, generation, planning or PlanningSpec(), recorder, arm)
 
 
@@ -64,23 +71,6 @@ def task_generation(generation: GenerationSpec, scorer) -> GenerationSpec:
             stacklevel=3,
         )
     return replace(generation, stop=list(scorer.stop), max_new_tokens=scorer.max_new_tokens)
-
-
-def _generate_hf(model, tokenizer, batch: dict, generation: GenerationSpec, recorder, past_key_values) -> list[str]:
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if not generation.decoding.greedy:
-            torch.manual_seed(batch_seed(generation.seed, batch["id"]))
-        completions = generate(
-            model,
-            tokenizer,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            generation,
-            past_key_values=past_key_values,
-            rank_recorder=recorder,
-        )
-    return completions
 
 
 def _rows(
@@ -123,9 +113,3 @@ def _rows(
             )
         )
     return rows
-
-
-def batch_seed(seed: int, question_ids: list[str]) -> int:
-    """A seed determined by `seed` and the batch's questions (stable across processes and runs)."""
-    digest = hashlib.sha256(json.dumps([seed, list(question_ids)]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63)

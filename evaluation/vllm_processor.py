@@ -1,10 +1,10 @@
 """vLLM v1 adapter of the correctness-first decoding rules (imports vLLM: load only when it is installed).
 
-The formulas are `evaluation.decoding.filter_logits`, the same function the HF `CorrectnessFirstProcessor`
-calls. Per-request settings travel as `SamplingParams(extra_args={DECODING_KEY: asdict(spec)})`. The processor
+The formulas are `evaluation.decoding.filter_logits`, the same function the HF engine's `SeededSampler` calls.
+Per-request settings travel as `SamplingParams(extra_args={DECODING_KEY: asdict(spec)})`. The processor
 declares itself not argmax-invariant, so vLLM applies it first, on the raw fp32 logits; the request itself
-samples at vLLM temperature 1 with vLLM's own top-k/top-p/min-p off, so the rule decides alone (as HF's
-neutral warpers do).
+samples at vLLM temperature 1 with vLLM's own top-k/top-p/min-p off, so the rule decides alone (as in the HF
+engine).
 """
 
 from __future__ import annotations

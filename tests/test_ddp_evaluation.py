@@ -1,6 +1,7 @@
 """Evaluation under DDP with 2 CPU processes equals the 1-process run: files, summaries and logged metrics.
 
 An odd number of questions makes `DistributedSampler` pad one rank with a repeated question: it must count once.
+Sampled evaluation gives every question the same samples whatever the batch size, process count or subset.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ QUESTIONS = ["--data.val_size", "5", "--data.test_limit", "5", "--data.eval_batc
 REPEATS = ["--model.init_args.generation.repeats", "3", "--model.init_args.generation.at_k", "[1,3]",
            "--model.init_args.generation.decoding.temperature", "1.0"]  # fmt: skip
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+SAMPLED = ["--data.test_limit", "6", "--model.init_args.generation.repeats", "4",
+           "--model.init_args.generation.at_k", "[1,4]", "--model.init_args.generation.decoding.temperature", "1.0",
+           "--model.init_args.generation.decoding.top_k", "50"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +107,49 @@ def test_slot_arms(tiny_llama, tmp_path):
     assert len(summary["arms"]) == 2 and all(entry["questions"] == 5 for entry in summary["arms"].values())
     for arm, entry in summary["arms"].items():
         assert runs[0][f"scalar:test/{arm}/accuracy"] == [round(entry["accuracy"], 5)]
+
+
+def sample_lists(run: Path) -> dict[str, list[str]]:
+    """Question id -> its samples, from a `test` run's samples file."""
+    path = next((run / "samples").glob("test_step*.jsonl"))
+    return {row["id"]: row["completions"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def changed(rows: dict[str, list[str]], reference: dict[str, list[str]]) -> str:
+    """How many of the questions in both runs got other samples (for the assertion message)."""
+    common = rows.keys() & reference.keys()
+    return f"{sum(rows[q] != reference[q] for q in common)} of {len(common)} questions got other samples"
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_llama, tmp_path_factory, trained) -> dict[str, dict[str, list[str]]]:
+    """Sampled `test` (4 samples per question, 6 questions) at eval_batch_size 1, 2, 3, and with test_limit 3."""
+    found = {}
+    for name, extra in [("batch1", ["--data.eval_batch_size", "1"]), ("batch2", ["--data.eval_batch_size", "2"]),
+                        ("batch3", ["--data.eval_batch_size", "3"]),
+                        ("limit3", ["--data.eval_batch_size", "2", "--data.test_limit", "3"])]:  # fmt: skip
+        save_dir = tmp_path_factory.mktemp(name)
+        cli(["test", *tiny_args(tiny_llama, save_dir, *SAMPLED, *extra), "--ckpt_path", str(trained)], 1)
+        found[name] = sample_lists(run_dir(save_dir))
+    return found
+
+
+def test_sampled_test_does_not_depend_on_the_batch_size(sampled):
+    reference = sampled["batch1"]
+    assert len(reference) == 6 and all(len(set(samples)) > 1 for samples in reference.values())
+    for name in ("batch2", "batch3"):
+        assert sampled[name] == reference, f"{name}: {changed(sampled[name], reference)}"
+
+
+def test_sampled_test_does_not_depend_on_the_other_questions(sampled):
+    subset, reference = sampled["limit3"], sampled["batch1"]
+    assert len(subset) == 3 and subset.keys() < reference.keys()
+    assert subset == {q: reference[q] for q in subset}, changed(subset, reference)
+
+
+def test_sampled_test_on_2_processes_equals_1_at_batch_size_2(tiny_llama, tmp_path, trained, sampled):
+    """6 questions, batches of 2: one process pairs questions (1, 2), (3, 4), (5, 6) by position, two processes
+    (1, 3), (5) and (2, 4), (6); every output is still the same, and the samples are those of batch size 1."""
+    found = compare(tiny_llama, tmp_path, "test", "--ckpt_path", str(trained), *SAMPLED, "--data.eval_batch_size", "2")
+    rows = next(value for key, value in found.items() if key.startswith("samples/test_step") and key.endswith(".jsonl"))
+    assert {row["id"]: row["completions"] for row in rows} == sampled["batch1"]

@@ -9,7 +9,6 @@ import torch
 from transformers import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
-    GenerationConfig,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -17,13 +16,9 @@ from transformers import (
 )
 
 from core.errors import UserInputError
-from evaluation.decoding import (
-    NEUTRAL_SAMPLING,
-    CorrectnessFirstProcessor,
-    DecodingSpec,
-    edt_temperature,
-    logits_processors,
-)
+from evaluation.decoding import DecodingSpec, edt_temperature, filter_logits
+from evaluation.generation import GenerationSpec, generation_config
+from evaluation.seeding import SeededSampler
 from models.loading import ModelSpec, load_model, load_tokenizer
 
 # Six tokens; probabilities by token id. By rank: 0.40 (id 1), 0.25 (id 3), 0.15 (id 4), 0.10 (id 0),
@@ -41,7 +36,7 @@ def top(k: int) -> set[int]:
 
 
 def process(spec: DecodingSpec, logits: torch.Tensor) -> torch.Tensor:
-    return CorrectnessFirstProcessor(spec)(torch.zeros(logits.shape[0], 1, dtype=torch.long), logits)
+    return filter_logits(spec, logits)
 
 
 def kept(spec: DecodingSpec, probs: list[float] = PROBS) -> set[int]:
@@ -129,8 +124,6 @@ def test_several_knobs_keep_the_minimum_k():
     assert kept(DecodingSpec(top_k=2, prob_threshold=0.3)) == top(1)
     sequential = EpsilonLogitsWarper(0.3)(None, TopKLogitsWarper(2)(None, logits_of(PROBS)))
     assert int(torch.isfinite(sequential).sum()) == 2
-    kwargs, processors = logits_processors(DecodingSpec(top_k=2, prob_threshold=0.3))
-    assert kwargs == NEUTRAL_SAMPLING and len(processors) == 1
 
 
 def test_ties_with_the_kth_logit_are_kept():
@@ -152,9 +145,9 @@ def test_plain_spec_leaves_the_distribution_untouched():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
     assert DecodingSpec().is_plain and not DecodingSpec(top_k=3).is_plain
     assert torch.equal(process(DecodingSpec(), logits), logits)
-    kwargs, processors = logits_processors(DecodingSpec())
-    assert kwargs == NEUTRAL_SAMPLING and len(processors) == 0
-    assert logits_processors(DecodingSpec(temperature=0.0, top_k=5)) == ({"do_sample": False}, [])
+    assert torch.equal(process(DecodingSpec(temperature=0.5), logits), logits / 0.5)
+    assert not DecodingSpec(temperature=0.5).cuts and not DecodingSpec(edt_var=[2.0, 0.5, 1.0]).cuts
+    assert DecodingSpec(temperature=0.0).cuts and DecodingSpec(top_p=0.9).cuts
 
 
 @pytest.mark.parametrize(
@@ -226,9 +219,10 @@ def hf_chain(kwargs: dict, logits: torch.Tensor) -> torch.Tensor:
     ],
     ids=lambda spec: ",".join(f"{k}={v}" for k, v in vars(spec).items() if v != getattr(DecodingSpec(), k)),
 )
-def test_single_knobs_map_to_exactly_equivalent_hf_warpers(spec):
-    kwargs, processors = logits_processors(spec)
-    assert kwargs["do_sample"] and len(processors) == 0
+def test_single_knobs_equal_hf_warpers(spec):
+    """HF's warpers are an independent implementation of the single-knob rules: same logits, ties included."""
+    kwargs = dict(temperature=float(spec.temperature), top_k=spec.top_k, top_p=1.0, min_p=spec.min_p,
+                  epsilon_cutoff=spec.prob_threshold, eta_cutoff=spec.hewitt_epsilon)  # fmt: skip
     logits = random_logits()
     ours, theirs = process(spec, logits), hf_chain(kwargs, logits)
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))  # same kept set, ties included
@@ -236,9 +230,7 @@ def test_single_knobs_map_to_exactly_equivalent_hf_warpers(spec):
     assert int(torch.isfinite(ours).sum(-1).min()) >= 1
 
 
-def test_top_p_is_not_mapped_because_hf_differs_at_the_boundary():
-    kwargs, processors = logits_processors(DecodingSpec(top_p=0.9))
-    assert kwargs == NEUTRAL_SAMPLING and len(processors) == 1
+def test_top_p_equals_hfs_but_at_the_boundary():
     logits = random_logits()[:4]  # continuous rows: no prefix mass lands exactly on top_p
     assert torch.equal(process(DecodingSpec(top_p=0.9), logits), TopPLogitsWarper(0.9)(None, logits))
     # p = (.5, .25, .125, .0625, .0625), exact in float32; cumsum .5, .75, ...; top_p = 0.75:
@@ -264,43 +256,28 @@ def test_batch_rows_are_processed_independently():
     assert len(set(torch.isfinite(batched).sum(-1).tolist())) > 1  # the rows really got different K
 
 
-def test_sampling_through_generate_is_seeded_and_stays_in_the_kept_set(tiny_llama):
+def test_sampling_through_generate_stays_in_the_kept_set(tiny_llama):
+    """Every token HF's `generate` takes through `SeededSampler` is in the rule's kept set of that step's raw
+    logits (HF itself scales and filters nothing: its own logits go to our filter unchanged)."""
     model_spec = ModelSpec(name=str(tiny_llama))
     model, tokenizer = load_model(model_spec).eval(), load_tokenizer(model_spec)
     spec = DecodingSpec(temperature=1.2, top_k=30, min_p=0.02, dynamic_top_k=[1, 2, 3, 4, 5, 6, 8, 10, 15, 20])
-    kwargs, processors = logits_processors(spec)
-    assert len(processors) == 1
-    config = GenerationConfig(
-        max_new_tokens=6,
-        min_new_tokens=6,  # EOS suppressed (-inf before the processor): every row is live at every step
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **kwargs,
-    )
+    # min_new_tokens: EOS suppressed (-inf before the sampler): every row is live at every step
+    config = generation_config(GenerationSpec(max_new_tokens=6, min_new_tokens=6), model, tokenizer)
     ids = torch.tensor([tokenizer("Question: Natalia sold 48 clips.").input_ids] * 3)
-
-    def sample():
-        torch.manual_seed(0)
-        return model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            generation_config=config,
-            logits_processor=processors,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-
-    first, second = sample(), sample()
-    assert torch.equal(first.sequences, second.sequences)
-    # Step 0 is exactly our processor on the raw logits (EOS at -inf): HF scaled or filtered nothing itself
-    with torch.no_grad():
-        raw = model(ids).logits[:, -1].float()
-    raw[:, tokenizer.eos_token_id] = -math.inf
-    expected = process(spec, raw)
-    assert torch.equal(torch.isfinite(first.scores[0]), torch.isfinite(expected))
-    assert torch.allclose(first.scores[0], expected, atol=1e-5)
-    new_tokens = first.sequences[:, ids.shape[1] :]
-    assert len(first.scores) == new_tokens.shape[1] == 6
-    for step, scores in enumerate(first.scores):
-        assert torch.isfinite(scores.gather(-1, new_tokens[:, step : step + 1])).all()
-        assert (torch.isfinite(scores).sum(-1) <= 20).all()  # the processor really filtered
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=config,
+        logits_processor=[SeededSampler(spec, [11, 12, 13])],
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    chosen = output.sequences[:, ids.shape[1] :]
+    assert chosen.shape == (3, 6) and len({tuple(row) for row in chosen.tolist()}) > 1
+    for step, raw in enumerate(output.logits):
+        raw = raw.float().clone()
+        raw[:, tokenizer.eos_token_id] = -math.inf
+        kept_now = torch.isfinite(process(spec, raw))
+        assert kept_now.gather(-1, chosen[:, step : step + 1]).all()
+        assert (kept_now.sum(-1) < raw.shape[-1]).all()  # the rule really cut tokens

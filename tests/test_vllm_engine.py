@@ -12,17 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-)
 
 from core.errors import UserInputError
-from evaluation.decoding import CorrectnessFirstProcessor, DecodingSpec, filter_rows, logits_processors
+from evaluation.decoding import DecodingSpec, filter_logits, filter_rows
 from evaluation.generation import GenerationSpec, VllmSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +38,6 @@ KNOBS = [
     DecodingSpec(cal_acc=[-0.1, 0.5, 0.05]),
     DecodingSpec(top_k=20, min_p=0.05),
 ]
-HF_WARPERS = {"top_k": TopKLogitsWarper, "min_p": MinPLogitsWarper}
 
 
 def knob_name(spec: DecodingSpec) -> str:
@@ -63,22 +54,8 @@ def model_like_logits(rows: int = 6, vocab: int = 300, seed: int = 0) -> torch.T
 
 
 def hf_engine_distribution(spec: DecodingSpec, logits: torch.Tensor) -> torch.Tensor:
-    """What HF's `generate` samples from under `spec`: its own warper chain (from the GenerationConfig keywords)
-    when `logits_processors` picks one, else the correctness-first processor."""
-    kwargs, processors = logits_processors(spec)
-    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
-    if not processors:
-        chain = LogitsProcessorList([TemperatureLogitsWarper(kwargs["temperature"])])
-        if kwargs["top_k"]:
-            chain.append(TopKLogitsWarper(kwargs["top_k"]))
-        if kwargs["min_p"]:
-            chain.append(MinPLogitsWarper(kwargs["min_p"]))
-        if kwargs["epsilon_cutoff"]:
-            chain.append(EpsilonLogitsWarper(kwargs["epsilon_cutoff"]))
-        if kwargs["eta_cutoff"]:
-            chain.append(EtaLogitsWarper(kwargs["eta_cutoff"]))
-        processors = chain
-    return processors(ids, logits.clone()).softmax(-1)
+    """What the HF engine samples from under `spec` (`SeededSampler`: the filter, renormalised)."""
+    return filter_logits(spec, logits.clone()).softmax(-1)
 
 
 def test_filter_rows_gives_each_row_its_own_specs_result():
@@ -86,7 +63,7 @@ def test_filter_rows_gives_each_row_its_own_specs_result():
     specs = [*KNOBS, None]
     out = filter_rows(specs, logits)
     for row, spec in enumerate(KNOBS):
-        alone = CorrectnessFirstProcessor(spec)(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1])
+        alone = filter_logits(spec, logits[row : row + 1])
         assert torch.equal(out[row : row + 1], alone), spec
     assert torch.equal(out[-1], logits[-1])  # no spec: untouched
     assert torch.equal(filter_rows([None] * logits.shape[0], logits), logits)
@@ -100,7 +77,7 @@ def test_generation_engine_settings_are_checked():
         VllmSettings(gpu_memory_utilization=1.5)
     with pytest.raises(UserInputError, match="tensor_parallel_size must be an integer >= 1"):
         VllmSettings(tensor_parallel_size=0)
-    with pytest.raises(UserInputError, match="dtype must be one of auto, float32, bfloat16, float16"):
+    with pytest.raises(UserInputError, match="dtype must be one of model, auto, float32, bfloat16, float16"):
         VllmSettings(dtype="fp8")
 
 
@@ -112,6 +89,17 @@ def test_engine_vllm_without_vllm_is_one_line(monkeypatch):
     assert str(error.value) == (
         "generation.engine=vllm needs vLLM, which is not installed: pip install -e '.[vllm]' (or use hf)"
     )
+
+
+def test_vllm_runs_in_the_models_dtype_unless_told(tiny_llama):
+    from evaluation.vllm_engine import engine_dtype
+    from models.loading import ModelSpec, load_model
+
+    model = load_model(ModelSpec(name=str(tiny_llama)))  # float32
+    assert VllmSettings().dtype == "model" and engine_dtype(model, VllmSettings()) == "float32"
+    assert engine_dtype(model.to(torch.bfloat16), VllmSettings()) == "bfloat16"
+    assert engine_dtype(model, VllmSettings(dtype="float16")) == "float16"
+    assert engine_dtype(model, VllmSettings(dtype="auto")) == "auto"  # vLLM's choice, asked for by name
 
 
 def vllm_spec(**overrides) -> GenerationSpec:
@@ -201,6 +189,36 @@ def test_vllm_adapter_follows_removals_moves_and_swaps():
         )
 
 
+@needs_vllm
+def test_vllm_sends_one_request_per_sample_seeded_as_the_hf_engine(tiny_llama, monkeypatch):
+    """Question q's sample k is its own request with seed `sample_seed(seed, q, k)`, the HF engine's rule; the
+    completions come back in the HF engine's order (question i's samples at i*n .. i*n+n-1)."""
+    from types import SimpleNamespace
+
+    from evaluation import vllm_engine
+    from evaluation.seeding import sample_seed
+    from models.loading import ModelSpec, load_model, load_tokenizer
+
+    sent = {}
+
+    class RecordingLLM:
+        def generate(self, prompts, params, use_tqdm):
+            sent.update(prompts=prompts, params=params)
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[40 + i])]) for i in range(len(prompts))]
+
+    monkeypatch.setattr(vllm_engine, "engine", lambda *args: RecordingLLM())
+    spec = ModelSpec(name=str(tiny_llama))
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    pad = tokenizer.pad_token_id
+    ids, mask = torch.tensor([[pad, 7, 8], [9, 10, 11]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    generation = GenerationSpec(repeats=3, at_k=[1], decoding=DecodingSpec(temperature=0.8), seed=5)
+    completions = vllm_engine.generate_vllm(model, tokenizer, ids, mask, generation, ["qa", "qb"])
+    assert [prompt["prompt_token_ids"] for prompt in sent["prompts"]] == [[7, 8]] * 3 + [[9, 10, 11]] * 3
+    assert [params.seed for params in sent["params"]] == [sample_seed(5, q, k) for q in ("qa", "qb") for k in range(3)]
+    assert all(params.n == 1 for params in sent["params"])
+    assert completions == [tokenizer.decode([40 + i], skip_special_tokens=True) for i in range(6)]
+
+
 # ------------------------------------------------------------------------------------- the engine end to end
 VLLM_ON_CPU = [
     "--model.init_args.generation.engine", "vllm",
@@ -226,7 +244,8 @@ def read_jsonl(path: Path) -> list[dict]:
 @needs_vllm
 @pytest.mark.slow
 def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
-    """fp32, greedy, 16 GSM8K questions x 64 tokens: vLLM and HF give identical completions (>= 15 of 16)."""
+    """fp32, greedy, 16 GSM8K questions x 64 tokens, the default engine settings (vLLM in the model's dtype):
+    vLLM and HF give identical completions (>= 15 of 16), and each says which dtype it ran in."""
     from models.loading import ModelSpec, load_tokenizer
 
     common = ["--config", str(REPO / "configs/decoding_gsm8k.yaml"),
@@ -235,8 +254,9 @@ def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
               "--data.lm_eval.max_gen_toks", "64",
               "--trainer.enable_progress_bar", "false"]  # fmt: skip
     rows = {}
-    for engine, extra in (("hf", []), ("vllm", [*VLLM_ON_CPU, "--model.init_args.generation.vllm.dtype", "float32"])):
-        run_cli("test", *common, "--trainer.logger.init_args.save_dir", str(tmp_path / engine), *extra)
+    for engine, extra in (("hf", []), ("vllm", VLLM_ON_CPU)):
+        result = run_cli("test", *common, "--trainer.logger.init_args.save_dir", str(tmp_path / engine), *extra)
+        assert f"generation: engine {engine} in float32 (" in result.stderr
         samples = tmp_path / engine / "decoding_gsm8k/version_0/samples"
         rows[engine] = {row["id"]: row for row in read_jsonl(samples / "test_step0.jsonl")}
         rows[engine + "_ranks"] = {line["id"]: line for line in read_jsonl(samples / "test_step0_ranks.jsonl")}

@@ -1,0 +1,119 @@
+"""Greedy batch-invariance of the HF engine on the embedded model: the same GSM8K test questions generated at
+`eval_batch_size` 1, 4, 8 and 16, in float32 and bfloat16; how many completions (and extracted answers) change
+against batch size 1, and at which generated token they first differ.
+
+Batches are built as `cli.py test` builds them: the datamodule's evaluation loader (prompts sorted by length,
+so that batches hold similar lengths and little left padding) and `evaluate_batch`, the one evaluation path.
+`--orders sorted unsorted` adds batches in the data's own order (more padding) to show what the sorting saves.
+
+    nice -n 10 python benchmarks/batch_invariance.py [--questions 32] [--new-tokens 128] [--orders sorted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import machine, timed  # noqa: E402
+
+from core.io import write_json_atomic  # noqa: E402
+from datamodules.reasoning import ReasoningDataModule  # noqa: E402
+from evaluation.generation import GenerationSpec  # noqa: E402
+from evaluation.pipeline import evaluate_batch  # noqa: E402
+from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+
+
+def batches(datamodule: ReasoningDataModule, order: str) -> DataLoader:
+    """`test`'s own loader (sorted by prompt length), or the same questions in the data's order."""
+    if order == "sorted":
+        return datamodule.test_dataloader()
+    dataset = datamodule.splits["test"]
+    return DataLoader(dataset, batch_size=datamodule.hparams.eval_batch_size, collate_fn=datamodule._collate(True))
+
+
+def run(model, tokenizer, args, batch_size: int, order: str) -> dict[str, dict]:
+    """Question id -> completion, prediction, left padding of its batch, new-token ids."""
+    datamodule = ReasoningDataModule(tokenizer=tokenizer, test_limit=args.questions, eval_batch_size=batch_size)
+    datamodule.setup("test")
+    generation = GenerationSpec(max_new_tokens=args.new_tokens)
+    found = {}
+    for batch in batches(datamodule, order):
+        padding = batch["prompt_mask"].shape[1] - batch["prompt_mask"].sum(-1)
+        for row, pad in zip(evaluate_batch(model, tokenizer, batch, generation), padding.tolist(), strict=True):
+            found[row.id] = {
+                "completion": row.completions[0],
+                "prediction": row.prediction,
+                "padding": pad,
+                "tokens": tokenizer(row.completions[0], add_special_tokens=False).input_ids,
+            }
+    return found
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token (the shorter length when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def compare(reference: dict[str, dict], other: dict[str, dict]) -> dict:
+    """How `other` (a batch size > 1) differs from batch size 1, question by question."""
+    changed = [q for q in reference if other[q]["completion"] != reference[q]["completion"]]
+    return {
+        "completions_changed": len(changed),
+        "predictions_changed": sum(other[q]["prediction"] != reference[q]["prediction"] for q in reference),
+        "first_differing_token": sorted(first_difference(reference[q]["tokens"], other[q]["tokens"]) for q in changed),
+        "changed_with_padding": sum(other[q]["padding"] > 0 for q in changed),
+        "mean_padding": sum(row["padding"] for row in other.values()) / len(other),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--questions", type=int, default=32, help="GSM8K test questions (test_limit's subset)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--orders", nargs="+", default=["sorted"], choices=["sorted", "unsorted"])
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/batch_invariance.json"))
+    args = parser.parse_args()
+
+    results = {
+        "model": args.model,
+        "questions": args.questions,
+        "new_tokens": args.new_tokens,
+        "decoding": "greedy",
+        "reference": "batch size 1 (no padding), same dtype",
+        "prompt": "the datamodule's default (chat template), GSM8K test subset of test_limit, seed 0",
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "arms": {},
+    }
+    print(f"{'dtype':<10}{'order':<10}{'batch':>6}{'changed':>9}{'answers':>9}{'pad':>7}{'wall':>8}")
+    for dtype in args.dtypes:
+        spec = ModelSpec(name=args.model, dtype=dtype)
+        model, tokenizer = load_model(spec).requires_grad_(False).eval(), load_tokenizer(spec)
+        seconds, reference = timed(run, model, tokenizer, args, 1, "sorted")  # one question per batch: no padding
+        print(f"{dtype:<10}{'-':<10}{1:>6}{'-':>9}{'-':>9}{0:>7.1f}{seconds:>7.0f}s", flush=True)
+        for order in args.orders:
+            for batch_size in [b for b in args.batch_sizes if b != 1]:
+                seconds, found = timed(run, model, tokenizer, args, batch_size, order)
+                arm = {"dtype": dtype, "order": order, "batch_size": batch_size, **compare(reference, found)}
+                arm["seconds"] = round(seconds, 1)
+                results["arms"][f"{dtype}/{order}/{batch_size}"] = arm
+                write_json_atomic(Path(args.output), results)  # every finished arm is kept
+                changed, answers = arm["completions_changed"], arm["predictions_changed"]
+                print(f"{dtype:<10}{order:<10}{batch_size:>6}{changed:>9}{answers:>9}{arm['mean_padding']:>7.1f}"
+                      f"{seconds:>7.0f}s", flush=True)  # fmt: skip
+        del model
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
