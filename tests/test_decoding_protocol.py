@@ -84,7 +84,9 @@ def test_the_pipeline_generates_with_the_tasks_stops_and_scores_with_its_filters
 
     monkeypatch.setattr(evaluation.pipeline, "generate", scripted)
     generation = cli.model.generation
-    rows = evaluate_batch(SimpleNamespace(device=torch.device("cpu")), data.tokenizer, batch, generation)
+    rows = evaluate_batch(
+        SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32), data.tokenizer, batch, generation
+    )
     assert asked["spec"].stop == UPSTREAM_STOPS and asked["spec"].max_new_tokens == 200
     assert asked["spec"].decoding == generation.decoding and asked["spec"].repeats == 8
     for row in rows:
@@ -96,6 +98,6 @@ def test_the_pipeline_generates_with_the_tasks_stops_and_scores_with_its_filters
         assert set(row.extra["lm_eval"]) == {"score-first", "maj@8"}  # maj@16 / maj@32 need more samples
         assert json.loads(json.dumps(row.record()))["lm_eval"] == row.extra["lm_eval"]
     with pytest.warns(UserWarning, match="replace model.generation's stop and max_new_tokens"):
-        evaluate_batch(SimpleNamespace(device=torch.device("cpu")), data.tokenizer, batch,
+        evaluate_batch(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32), data.tokenizer, batch,
                        type(generation)(**{**vars(generation), "max_new_tokens": 7}))  # fmt: skip
     assert asked["spec"].max_new_tokens == 200
