@@ -89,7 +89,12 @@ class EpochExport(L.Callback):
         if self.pending and module.device_mesh is None:
             self._export_pending(trainer, module)
         elif self.pending:
-            log.warning("epoch %d was not exported: resume the run once more to export it", self.pending["epoch"])
+            log.warning(
+                "epoch %d was not exported (a sharded run resumed with nothing left to train); its weights are in %s, "
+                "and a resume with a larger --trainer.max_epochs exports it first",
+                self.pending["epoch"],
+                trainer.ckpt_path,
+            )
 
     def _export_pending(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.enabled or not self.pending:
