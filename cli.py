@@ -18,6 +18,7 @@ import core.quiet  # noqa: F401 - before any library that logs: drops known thir
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import dataclasses
+import errno
 import importlib
 import inspect
 import itertools
@@ -35,6 +36,7 @@ from jsonargparse import ArgumentError, Namespace, auto_cli
 from lightning import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.checkpoints import SafeCheckpoints
 from callbacks.export import EpochExport
 from callbacks.planning_report import PlanningReport
 from callbacks.run_summary import RunSummary
@@ -276,22 +278,58 @@ def planning_of(model: LightningModule) -> PlanningSpec | None:
 
 
 def resolve_last_checkpoint(config: Namespace) -> None:
-    """`--ckpt_path last`: resume the newest run of this experiment in place (same run directory)."""
+    """`--ckpt_path last`: resume the newest run of this experiment in place (same run directory), from its newest
+    complete checkpoint (`newest_checkpoint`)."""
     logger = config.trainer.logger
     if not isinstance(logger, Namespace) or "init_args" not in logger:
         raise UserInputError("--ckpt_path last needs a TensorBoard logger in the config (trainer.logger)")
     experiment = Path(logger.init_args.save_dir) / str(logger.init_args.name or "")
     runs = sorted(
-        (int(match.group(1)), path.parent.parent)
-        for path in experiment.glob("version_*/checkpoints/last.ckpt")
-        if (match := re.fullmatch(r"version_(\d+)", path.parent.parent.name))
+        (int(match.group(1)), path)
+        for path in experiment.glob("version_*")
+        if (match := re.fullmatch(r"version_(\d+)", path.name)) and checkpoint_files(path / "checkpoints")
     )
     if not runs:
-        raise UserInputError(f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume")
+        raise UserInputError(f"--ckpt_path last: no {experiment}/version_*/checkpoints/*.ckpt to resume")
     run_dir = runs[-1][1]
+    path, step = newest_checkpoint(run_dir / "checkpoints")
     logger.init_args.version = run_dir.name
-    config.ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-    print(f"Resuming {config.ckpt_path}", flush=True)
+    config.ckpt_path = str(path)
+    print(f"Resuming {config.ckpt_path} (step {step})", flush=True)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The `*.ckpt` files and links in `folder` (not the hidden staging files of a save in progress)."""
+    return sorted(path for path in folder.glob("*.ckpt") if not path.name.startswith("."))
+
+
+def newest_checkpoint(folder: Path) -> tuple[Path, int]:
+    """The newest complete checkpoint in `folder` and its step: the readable one of the highest global step (among
+    equals, the one `last.ckpt` points at, else the newest file), so neither a truncated file nor a `last.ckpt`
+    left behind (beside a `last-v1.ckpt`, say) is resumed. Named `last.ckpt` when that link points at it;
+    unreadable files are passed over, with a warning."""
+    last = folder / "last.ckpt"
+    last_target = last.resolve() if last.exists() else None
+    found: dict[Path, tuple[int, bool, float]] = {}
+    unreadable = []
+    for path in checkpoint_files(folder):
+        target = path.resolve()
+        if target in found or not target.is_file():
+            continue
+        try:
+            step = int(read_checkpoint(target).get("global_step", -1))
+        except UserInputError:
+            unreadable.append(path.name)
+            continue
+        found[target] = (step, target == last_target, target.stat().st_mtime)
+    if unreadable:
+        logging.getLogger(__name__).warning("--ckpt_path last: passed over unreadable %s", ", ".join(unreadable))
+    if not found:
+        raise UserInputError(
+            f"--ckpt_path last: no complete checkpoint in {folder} (unreadable: {', '.join(unreadable)})"
+        )
+    newest = max(found, key=found.get)
+    return (last if newest == last_target else newest), found[newest][0]
 
 
 class ConfigResolver(ReasoningLabCLI):
@@ -326,7 +364,7 @@ def build_cli(
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": RUNS_DIR, "name": "default"},
             },
-            "callbacks": [RunSummary(), SampleWriter(), PlanningReport(), SlurmRequeue()],
+            "callbacks": [RunSummary(), SampleWriter(), PlanningReport(), SlurmRequeue(), SafeCheckpoints()],
         },
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},  # parse errors become one line (ReasoningLabCLI.parse_arguments)
@@ -377,10 +415,14 @@ def main(args: list[str] | None = None) -> None:
         close_process_group()
     except Exception as error:
         ours = our_error(error)
+        if ours is None and (full := full_disk(error)) is not None:
+            where = f" writing '{full.filename}'" if full.filename else ""
+            print(f"error: {full.strerror}{where}: make room and run the command again", file=sys.stderr)
+            sys.exit(2)
         if ours is None:
             raise
         print(f"error: {ours}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ours.exit_code)
 
 
 def close_process_group() -> None:
@@ -391,6 +433,17 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def full_disk(error: BaseException | None) -> OSError | None:
+    """The full-disk (or quota) OSError behind `error`, wherever it was raised (a log file, a sample table)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def our_error(error: BaseException | None) -> ReasoningLabError | None:

@@ -28,7 +28,10 @@ sys.path.insert(0, str(REPO))
 from common import machine  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from core.checkpoint_file import read_checkpoint  # noqa: E402
 from core.io import write_json_atomic  # noqa: E402
+from models.loader import read_tokenizer  # noqa: E402
+from models.loading import ModelSpec  # noqa: E402
 
 PLANNING = "--model.init_args.planning."
 LR = "--model.init_args.optimizer.init_args.lr"
@@ -71,6 +74,17 @@ def longest_repeat(token_ids: list[int]) -> int:
     return max((len(list(run)) for _, run in groupby(token_ids)), default=0)
 
 
+def run_tokenizer(run_dir: Path):
+    """The run's tokenizer, planning tokens included: its epoch export's or, for a run that `--steps` stopped
+    mid-epoch (no export), the one its last checkpoint was trained with."""
+    export = next(run_dir.glob("epoch_*"), None)
+    if export is not None:
+        return AutoTokenizer.from_pretrained(export, trust_remote_code=False)
+    checkpoint = run_dir / "checkpoints/last.ckpt"
+    backbone = ModelSpec(name=read_checkpoint(checkpoint)["hyper_parameters"]["backbone"]["name"])
+    return read_tokenizer(backbone, checkpoint)
+
+
 def run_arm(name: str, overrides: list[str], root: Path, max_new_tokens: int, steps: int | None) -> dict:
     """Fit one arm in a subprocess; read its summary lines, validation samples and planning report."""
     command = [sys.executable, str(REPO / "cli.py"), "fit", "--config", "configs/planning_gsm8k.yaml",
@@ -89,7 +103,7 @@ def run_arm(name: str, overrides: list[str], root: Path, max_new_tokens: int, st
     run_dir = next((root / name).glob("version_*"))
     samples_file = max(run_dir.glob("samples/val_step*.jsonl"), key=lambda path: int(path.stem[8:]))
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(next(run_dir.glob("epoch_*")), trust_remote_code=False)
+    tokenizer = run_tokenizer(run_dir)
     reports = sorted(run_dir.glob("planning/val_step*.json"), key=lambda path: int(path.stem[8:]))
     if reports:
         layout = json.loads(reports[-1].read_text())["layout_share"]

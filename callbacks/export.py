@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,13 +11,23 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from core.io import atomic_directory, run_directory, write_json_atomic
+from callbacks.checkpoints import epoch_finished
+from core.errors import NotSaved
+from core.io import atomic_directory, remove_partial, run_directory, write_json_atomic
 from models.adapters import rebuild_with_adapter
 from models.loader import model_from_training_state
 
+log = logging.getLogger(__name__)
+
 
 class EpochExport(L.Callback):
-    """Writes `{run dir}/epoch_{N}/` (0-indexed) after each training epoch, safetensors only.
+    """Writes `{run dir}/epoch_{N}/` (0-indexed) after each complete training epoch, safetensors only.
+
+    The export of epoch N is written after epoch N's checkpoints (at the start of epoch N+1, or at the end of
+    training), so a process killed while exporting leaves a checkpoint that holds epoch N, and the export still
+    to write: the resumed run writes it first. An epoch that training left early (`max_steps`, a signal) is not
+    exported as `epoch_N/`: the run that resumes it exports it once it is complete. The hidden staging folders
+    (`.epoch_N-partial-*`) that a killed export left are removed at the next start.
 
     Args:
         enabled: write exports at all.
@@ -27,28 +39,104 @@ class EpochExport(L.Callback):
 
     def __init__(self, enabled: bool = True, adapter_only: bool = False, dirpath: str | None = None) -> None:
         self.enabled, self.adapter_only, self.dirpath = enabled, adapter_only, dirpath
+        self.pending: dict | None = None
+        """The finished epoch still to export, {"epoch": N, "global_step": S}; saved in checkpoints."""
+
+    def state_dict(self) -> dict:
+        return {"pending": dict(self.pending)} if self.pending else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.pending = state_dict.get("pending")
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else run_directory(trainer)  # a broadcast under DDP: every rank
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        folder = self._folder(trainer)
+        removed = remove_partial(folder, "epoch_*") if trainer.is_global_zero else []
+        if removed:
+            log.warning("removed %d partial epoch export(s) an interrupted run left: %s", len(removed), removed[0])
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls
-        export_dir = Path(self.dirpath) if self.dirpath else run_directory(trainer)  # likewise
-        if not trainer.is_global_zero:
+        if not epoch_finished(trainer):
+            rank_zero_info(
+                f"Epoch {trainer.current_epoch} stopped at step {trainer.global_step}, before its end: not exported "
+                "(resumed with --ckpt_path last, it is exported once complete)"
+            )
             return
-        path = export_dir / f"epoch_{trainer.current_epoch}"
+        # Lightning saves the epoch's checkpoints after this hook: the export follows at the loop's next hook.
+        self.pending = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._export_pending(trainer, module)  # resumed from a checkpoint saved before its epoch's export
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._export_pending(trainer, module)  # likewise, for strategies that restore after on_fit_start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._export_pending(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._export_pending(trainer, module)
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # A resumed run with nothing left to train, whose strategy restored after on_fit_start; after the
+        # teardown only unsharded weights can still be gathered.
+        if self.pending and module.device_mesh is None:
+            self._export_pending(trainer, module)
+        elif self.pending:
+            log.warning(
+                "epoch %d was not exported (a sharded run resumed with nothing left to train); its weights are in %s, "
+                "and a resume with a larger --trainer.max_epochs exports it first",
+                self.pending["epoch"],
+                trainer.ckpt_path,
+            )
+
+    def _export_pending(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.enabled or not self.pending:
+            return
+        epoch, step = self.pending["epoch"], self.pending["global_step"]
+        folder = self._folder(trainer)
+        path = folder / f"epoch_{epoch}"
+        done = trainer.strategy.broadcast(trainer.is_global_zero and exported_at(path) == step)
+        if not done:
+            state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls
+            if trainer.is_global_zero:
+                self._write(trainer, module, state, path, epoch, step)
+                rank_zero_info(f"Exported {path}")
+        self.pending = None
+
+    def _write(self, trainer: L.Trainer, module: L.LightningModule, state: dict, path: Path, epoch: int, step: int):
         # Rebuilding the adapter draws random init weights: keep training's random stream untouched.
-        with torch.random.fork_rng(devices=[]), atomic_directory(path) as staging:
-            dtype = TRUE_PRECISION.get(str(trainer.precision))
-            export_model(module, state, staging, adapter_only=self.adapter_only, dtype=dtype)
-            info = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": module.mode}
-            info["backbone"] = asdict(module.backbone)
-            info["planning"] = {**asdict(module.planning), "tokens": module.planning.key_tokens()}
-            datamodule = trainer.datamodule
-            if datamodule is not None and hasattr(datamodule, "prompt"):
-                info["prompt"] = asdict(datamodule.prompt)
-                info["task"] = datamodule.task.name
-            write_json_atomic(staging / "training_info.json", info)
-        rank_zero_info(f"Exported {path}")
+        try:
+            with torch.random.fork_rng(devices=[]), atomic_directory(path) as staging:
+                dtype = TRUE_PRECISION.get(str(trainer.precision))
+                export_model(module, state, staging, adapter_only=self.adapter_only, dtype=dtype)
+                info = {"epoch": epoch, "global_step": step, "mode": module.mode}
+                info["backbone"] = asdict(module.backbone)
+                info["planning"] = {**asdict(module.planning), "tokens": module.planning.key_tokens()}
+                datamodule = trainer.datamodule
+                if datamodule is not None and hasattr(datamodule, "prompt"):
+                    info["prompt"] = asdict(datamodule.prompt)
+                    info["task"] = datamodule.task.name
+                write_json_atomic(staging / "training_info.json", info)
+        except OSError as error:
+            raise NotSaved(
+                f"could not write the epoch export '{path}': {error.strerror or error}; no partial folder was left: "
+                "make room, then resume with --ckpt_path last, which writes it"
+            ) from error
+
+
+def exported_at(path: Path) -> int | None:
+    """The global step of the complete export at `path` (None when there is none)."""
+    try:
+        return json.loads((path / "training_info.json").read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16}

@@ -12,7 +12,13 @@ A checkpoint written inside a signal handler can capture a half-done step (and u
 a collective in flight, Lightning issue #21406); one written at a boundary resumes bit-exactly. It also
 warns about the failure modes users report: python started without srun (no ranks, no requeue), a SIGTERM
 arriving with no requeue signal before it (the `--signal` line is missing or went to the batch shell only),
-and `scontrol` missing (containers). Outside SLURM it does nothing.
+and `scontrol` missing (containers).
+
+Outside SLURM (or with `auto_requeue=False`), a SIGTERM during `fit` (a scheduler's kill, `docker stop`, a
+wrapper's timeout) is handled the same way, without the requeue: the checkpoint is saved at the next step boundary
+into the run's checkpoint folder (`stopped-epoch<E>-step<S>.ckpt`, which `--ckpt_path last` resumes exactly), and
+`fit` ends with one line saying so and exit code 143, never as if it had finished (Lightning's own SIGTERM handling
+saves nothing and exits 0).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from core.errors import TrainingInterrupted
+from core.io import run_directory
 
 log = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 124  # the exit status of a job stopped for the time limit
@@ -51,14 +60,15 @@ def next_hpc_checkpoint(folder: Path) -> Path:
 
 class SlurmRequeue(L.Callback):
     """On SLURM's requeue signal (or a bare SIGTERM), save an hpc checkpoint at the next optimizer step (or
-    validation batch), requeue the job and stop; a no-op outside SLURM or with
-    `plugins: SLURMEnvironment(auto_requeue=False)`."""
+    validation batch), requeue the job and stop. Outside SLURM or with `plugins: SLURMEnvironment(auto_requeue=False)`,
+    a SIGTERM during `fit` saves a checkpoint the same way and stops with one line (exit code 143)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.previous_handlers: dict[int, object] = {}
         self.last_step = -1
         self.requeueing = False
+        self.outside_slurm = False  # listening for a plain SIGTERM: save and stop, no requeue
 
     @staticmethod
     def requeue_pending(trainer: L.Trainer) -> bool:
@@ -99,17 +109,23 @@ class SlurmRequeue(L.Callback):
 
     def _listen(self, trainer: L.Trainer) -> None:
         environment = self.environment(trainer)
-        if environment is None:
+        if environment is not None:
+            signals = (environment.requeue_signal, signal.SIGTERM)
+        elif trainer.state.fn == TrainerFn.FITTING:
+            signals, self.outside_slurm = (signal.SIGTERM,), True
+        else:
             return
         self.last_step = trainer.global_step
         # Lightning registered its handlers just before the run started: record instead of saving in them.
-        for signum in (environment.requeue_signal, signal.SIGTERM):
+        for signum in signals:
             self.previous_handlers[signum] = signal.signal(signum, self._record_signal)
+        if trainer.received_sigterm:  # arrived before this handler replaced Lightning's
+            self._record_signal(signal.SIGTERM, None)
 
     def _record_signal(self, signum: int, frame) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            if signum == signal.SIGTERM:
+            if signum == signal.SIGTERM and not self.outside_slurm:
                 log.warning(
                     "SIGTERM arrived with no requeue signal before it: add `#SBATCH --signal=SIGUSR1@90` (sent to "
                     "srun's tasks; `B:` sends it to the batch shell only). Saving at the next step anyway."
@@ -139,6 +155,8 @@ class SlurmRequeue(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             return
         self.requeueing = True  # every rank: no dynamics scoring on this save
+        if self.outside_slurm:
+            self._save_and_stop(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
             trainer.save_checkpoint(path, weights_only=False)  # the full training state
@@ -151,6 +169,20 @@ class SlurmRequeue(L.Callback):
         # Stop every rank now, never with success: if the requeue failed, the job must not count as completed
         # (evaluations wait on `afterok`). A requeued `fit` resumes from `path`.
         raise SIGTERMException(REQUEUE_EXIT_CODE)
+
+    def _save_and_stop(self, trainer: L.Trainer) -> None:
+        """Outside SLURM: save the training state where `--ckpt_path last` finds it, and stop with one line."""
+        folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        folder = Path(folders[0]) if folders else run_directory(trainer) / "checkpoints"
+        name = f"stopped-epoch{trainer.current_epoch}-step{trainer.global_step}.ckpt"
+        path = trainer.strategy.broadcast(folder / name)
+        trainer.save_checkpoint(path, weights_only=False)
+        if not trainer.is_global_zero:
+            raise SIGTERMException(TrainingInterrupted.exit_code)  # rank 0 tells the user
+        raise TrainingInterrupted(
+            f"{self.signal_name}: training stopped at step {trainer.global_step}, its state saved to {path}; "
+            "resume it with the same command and --ckpt_path last"
+        )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before the Trainer's own teardown, which then restores the handlers of before `fit`

@@ -15,6 +15,10 @@ from core.errors import UserInputError
 
 # What a run directory holds before it has produced anything: the logger's events file and the config copies.
 RUN_BOOKKEEPING = ("events.out.tfevents.*", "config.yaml", "hparams.yaml")
+PARTIAL = "-partial-"
+"""Marks the hidden staging file or folder `.{name}-partial-XXXX` that an atomic write fills before the rename."""
+RETIRED = "-old"
+"""`.{name}-old`: the previous `name` while `atomic_directory` swaps the new one in."""
 
 
 def _umask() -> int:
@@ -65,7 +69,7 @@ def make_folder(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
     make_folder(path.parent)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
@@ -114,12 +118,12 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `path` (an older `path` is removed only then)."""
     make_folder(path.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-partial-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
         if path.exists():
-            retired = path.with_name(f".{path.name}-old")
+            retired = path.with_name(f".{path.name}{RETIRED}")
             shutil.rmtree(retired, ignore_errors=True)
             os.replace(path, retired)
             os.replace(staging, path)
@@ -128,6 +132,30 @@ def atomic_directory(path: Path) -> Iterator[Path]:
             os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_partial(folder: Path, names: str = "*") -> list[Path]:
+    """Remove what atomic writes of `names` (a glob) left in `folder` when a process was killed mid-write: staging
+    files and folders (`.{name}-partial-*`), which never became outputs. A retired `.{name}-old` folder is
+    removed when `name` exists again, and renamed back to `name` when the kill came between the two renames.
+    Returns the paths removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.glob(f".{names}{PARTIAL}*")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    for retired in sorted(folder.glob(f".{names}{RETIRED}")):
+        original = retired.with_name(retired.name[1 : -len(RETIRED)])
+        if original.exists() or original.is_symlink():
+            shutil.rmtree(retired, ignore_errors=True)
+            removed.append(retired)
+        else:
+            os.replace(retired, original)
+    return removed
 
 
 def run_directory(trainer: Any) -> Path:
@@ -139,7 +167,7 @@ def run_directory(trainer: Any) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path` to stream into; on success it becomes `path` (atomic rename)."""
     make_folder(path.parent)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)

@@ -6,6 +6,7 @@ checkpoints hold only the trainable weights; side effects (exports, sample table
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from evaluation.pipeline import evaluate_batch
 from evaluation.rank_log import RankLogSpec
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
 from evaluation.teacher_forcing import losses_from_logits, response_loss, response_losses
+from lightning_modules.schedules import refit_total_steps
 from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
 from models.gated_mlp import use_lean_gated_mlps
 from models.liger import apply_liger_kernels, check_liger
@@ -30,6 +32,8 @@ from models.loading import ModelSpec, load_model
 from models.packed_attention import use_packed_attention
 from models.sharding import shard_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
 TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
@@ -104,6 +108,8 @@ class CausalLMFineTuner(LightningModule):
         self.evaluation_rows: list[EvaluationRow] = []
         """The gathered rows of the last validation / test / predict epoch (what the sample files hold)."""
         self.checkpoint_global_step = 0
+        self.estimated_total_steps: int | None = None
+        """The scheduler's length when this run estimated it (its `total_steps` left None): the run's length."""
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -150,8 +156,24 @@ class CausalLMFineTuner(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+            scheduler.total_steps = self.estimated_total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run that trains to another step than the one that saved the checkpoint (a larger
+        `max_steps`): the estimated schedule takes this run's length (the checkpoint restored the old one)."""
+        configs = self.trainer.lr_scheduler_configs
+        if self.estimated_total_steps is None or not configs or not hasattr(configs[0].scheduler, "total_steps"):
+            return
+        old = refit_total_steps(configs[0].scheduler, self.estimated_total_steps)
+        if old is not None and self.trainer.is_global_zero:
+            log.warning(
+                "the learning-rate schedule restored from the checkpoint ends at step %d; this run trains to step %d, "
+                "so the schedule now ends there (from step %d on)",
+                old,
+                self.estimated_total_steps,
+                self.global_step,
+            )
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token loss over the response tokens, and how many tokens it averages. Packed batches carry

@@ -33,3 +33,20 @@ class WarmupCosineLR(LambdaLR):
             return step / warmup_steps
         progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def refit_total_steps(scheduler: WarmupCosineLR, total_steps: int) -> int | None:
+    """Give a restored schedule the length `total_steps` (a resumed run that trains to another step than the run
+    that saved it: its restored length would, e.g., hold the learning rate at the end of its decay, zero, for every
+    step past it), and recompute the learning rate of its current step. Returns the old length, or None when it
+    was the same."""
+    old = scheduler.total_steps
+    if old == total_steps:
+        return None
+    scheduler.total_steps = total_steps
+    factors = zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    rates = [base * factor(scheduler.last_epoch) for factor, base in factors]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # noqa: SLF001 - what get_last_lr() reports
+    return old

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import time
 
 import lightning as L
@@ -66,3 +69,39 @@ class ReportEvaluation(L.Callback):
 
     def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.on_validation_batch_end(trainer, module, outputs, batch, batch_idx, dataloader_idx)
+
+
+class FillDiskAtEpochEnd(L.Callback):
+    """At the end of the epoch that ends at training step `step`, before that epoch's checkpoints are saved, fills
+    the filesystem of `path` with the file `path` until it is full (a real ENOSPC for the writes that follow)."""
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.global_step != self.step:
+            return
+        chunk = b"\0" * (1 << 16)
+        with open(self.path, "wb", buffering=0) as file:
+            try:
+                while file.write(chunk):
+                    pass
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+
+
+class KillDuringExport(L.Callback):
+    """Kills its own process with SIGKILL (`kill -9`) in the middle of the first epoch export: after the model's
+    files are in the export's staging folder, before it is renamed to `epoch_N/`."""
+
+    def setup(self, trainer, module, stage) -> None:
+        import callbacks.export as export
+
+        original = export.export_model
+
+        def export_then_die(*args, **kwargs) -> None:
+            original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        export.export_model = export_then_die

@@ -50,8 +50,14 @@ def assert_restart_resumes_exactly(command: list[str], bin_dir: Path, straight: 
     restart = subprocess.run(command, env=slurm_environment(bin_dir), capture_output=True, text=True, timeout=300)
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
+    assert_same_final_weights(straight, slurm)
+
+
+def assert_same_final_weights(straight: Path, resumed: Path) -> None:
+    """The run under `resumed` (a save_dir) ended with the trainable weights of the one under `straight`, bit for bit
+    (each run's `last.ckpt`)."""
     expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
-    actual = trainable_state(run_dir(slurm) / "checkpoints/last.ckpt")
+    actual = trainable_state(run_dir(resumed) / "checkpoints/last.ckpt")
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
