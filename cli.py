@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import core.hub_kernels  # noqa: F401 - before bitsandbytes: no kernel code fetched from the hub
 import core.quiet  # noqa: F401 - before any library that logs: drops known third-party noise (core/quiet.py)
 
 # PyTorch's CPU allocator: tensors of 2 MB and more page-aligned, on transparent huge pages where the kernel allows

@@ -4,6 +4,7 @@ for remote code are refused in one line (the code never runs), and names that wo
 from __future__ import annotations
 
 import builtins
+import importlib.metadata
 import json
 import os
 import shutil
@@ -260,3 +261,24 @@ def test_scaffold_quotes_environment_values(tmp_path):
           "--slurm.environment", json.dumps(environment)])  # fmt: skip
     script = (tmp_path / "exp/r/finetune.slurm").read_text()
     assert "export HF_HOME='/scratch/my hf; touch /tmp/pwned'\n" in script
+
+
+@pytest.mark.slow
+def test_no_kernel_code_is_fetched_from_the_hub_unless_asked():
+    """bitsandbytes would download and load a compiled kernel from the hub at import (AVX512-BF16 CPUs, `kernels`
+    installed): our entry points make `import kernels` fail, so it never can; the user may allow it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import cli, peft, bitsandbytes\n"
+        "try:\n    import kernels\n    print('importable')\nexcept ImportError:\n    print('blocked')"
+    )
+    blocked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert blocked.stdout.strip() == "blocked", blocked.stderr[-2000:]
+    assert "gemm_4bit_forward" not in blocked.stderr  # and quietly
+    environment = {**os.environ, "REASONING_LAB_HUB_KERNELS": "1"}
+    allowed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env=environment)  # fmt: skip
+    installed = any(dist.metadata["Name"] == "kernels" for dist in importlib.metadata.distributions())
+    assert allowed.stdout.strip() == ("importable" if installed else "blocked")
