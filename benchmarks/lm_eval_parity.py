@@ -57,7 +57,7 @@ def lm_eval_run(model_path: str, indices: list[int]) -> dict[int, dict]:
     task._filters = [ensemble for ensemble in task._filters if ensemble.name == "score-first"]
     lm = HFLM(pretrained=model_path, dtype="float32", device="cpu", batch_size=1)
     results = evaluate(lm=lm, task_dict={TASK: task}, samples={TASK: indices}, log_samples=True)
-    return {sample["doc_id"]: sample for sample in results["samples"][TASK]}
+    return {int(sample["doc_id"]): sample for sample in results["samples"][TASK]}
 
 
 def main() -> None:
@@ -79,11 +79,11 @@ def main() -> None:
     for index in indices:
         row, sample = ours[f"test-{index}"], theirs[index]
         rows.append({
-            "id": row["id"], "gold": sample["target"],
+            "id": row["id"], "gold": str(sample["target"]),
             "ours": {"completion": row["completion"], "prediction": row["prediction"],
                      "exact_match": row["lm_eval"]["score-first"]["exact_match"], "correct": row["correct"]},
             "lm_eval": {"completion": sample["resps"][0][0], "prediction": sample["filtered_resps"][0],
-                        "exact_match": sample["exact_match"]},
+                        "exact_match": float(sample["exact_match"])},
         })  # fmt: skip
     same = sum(r["ours"]["completion"] == r["lm_eval"]["completion"] for r in rows)
     result = {
