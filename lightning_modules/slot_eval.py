@@ -108,11 +108,11 @@ class SLOTEvaluator(LightningModule):
                     )
                 for i, row in enumerate(rows):
                     prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
-                    row.extra = {
-                        "prompt": self.tokenizer.decode(prompt),
+                    row.extra.update(  # beside what the scoring put there (an lm-eval task's scores)
+                        prompt=self.tokenizer.decode(prompt),
                         **format_checks(self.format_pattern, row.completions[0]),
-                        "slot_loss": [round(value, 6) for value in trace[i, : arm.iters + 1].tolist()],
-                    }
+                        slot_loss=[round(value, 6) for value in trace[i, : arm.iters + 1].tolist()],
+                    )
                 self.stage_rows.extend(rows)
 
     def on_test_epoch_end(self) -> None:
