@@ -6,12 +6,14 @@ Batches are built as `cli.py test` builds them: the datamodule's evaluation load
 so that batches hold similar lengths and little left padding) and `evaluate_batch`, the one evaluation path.
 `--orders sorted unsorted` adds batches in the data's own order (more padding) to show what the sorting saves.
 
-    nice -n 10 python benchmarks/batch_invariance.py [--questions 32] [--new-tokens 128] [--orders sorted]
+    nice -n 10 python benchmarks/batch_invariance.py [--questions 32] [--new-tokens 128] [--dtypes float32]
+Every finished arm is added to the results file (arms of other runs kept), so dtypes can run separately.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -84,35 +86,40 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/batch_invariance.json"))
     args = parser.parse_args()
 
-    results = {
+    header = {
         "model": args.model,
-        "questions": args.questions,
-        "new_tokens": args.new_tokens,
         "decoding": "greedy",
-        "reference": "batch size 1 (no padding), same dtype",
+        "reference": "batch size 1 (no padding), same dtype, same questions and new tokens",
         "prompt": "the datamodule's default (chat template), GSM8K test subset of test_limit, seed 0",
         "threads": torch.get_num_threads(),
         "machine": machine(),
-        "arms": {},
     }
     print(f"{'dtype':<10}{'order':<10}{'batch':>6}{'changed':>9}{'answers':>9}{'pad':>7}{'wall':>8}")
     for dtype in args.dtypes:
         spec = ModelSpec(name=args.model, dtype=dtype)
         model, tokenizer = load_model(spec).requires_grad_(False).eval(), load_tokenizer(spec)
-        seconds, reference = timed(run, model, tokenizer, args, 1, "sorted")  # one question per batch: no padding
-        print(f"{dtype:<10}{'-':<10}{1:>6}{'-':>9}{'-':>9}{0:>7.1f}{seconds:>7.0f}s", flush=True)
+        reference_seconds, reference = timed(run, model, tokenizer, args, 1, "sorted")  # no padding
+        print(f"{dtype:<10}{'-':<10}{1:>6}{'-':>9}{'-':>9}{0:>7.1f}{reference_seconds:>7.0f}s", flush=True)
         for order in args.orders:
             for batch_size in [b for b in args.batch_sizes if b != 1]:
                 seconds, found = timed(run, model, tokenizer, args, batch_size, order)
-                arm = {"dtype": dtype, "order": order, "batch_size": batch_size, **compare(reference, found)}
-                arm["seconds"] = round(seconds, 1)
-                results["arms"][f"{dtype}/{order}/{batch_size}"] = arm
-                write_json_atomic(Path(args.output), results)  # every finished arm is kept
+                arm = {"dtype": dtype, "order": order, "batch_size": batch_size, "questions": args.questions,
+                       "new_tokens": args.new_tokens, **compare(reference, found), "seconds": round(seconds, 1),
+                       "reference_seconds": round(reference_seconds, 1)}  # fmt: skip
+                record(Path(args.output), header, f"{dtype}/{order}/{batch_size}", arm)
                 changed, answers = arm["completions_changed"], arm["predictions_changed"]
                 print(f"{dtype:<10}{order:<10}{batch_size:>6}{changed:>9}{answers:>9}{arm['mean_padding']:>7.1f}"
                       f"{seconds:>7.0f}s", flush=True)  # fmt: skip
         del model
     print(f"wrote {args.output}")
+
+
+def record(path: Path, header: dict, key: str, arm: dict) -> None:
+    """Add one finished arm to the results file, keeping the arms already there (another dtype's run)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(header)
+    results.setdefault("arms", {})[key] = arm
+    write_json_atomic(path, results)
 
 
 if __name__ == "__main__":
