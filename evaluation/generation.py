@@ -204,7 +204,8 @@ def generate(
     )
     new_tokens = output[:, prompt_ids.shape[1] :]
     if rank_recorder is not None:
-        rank_recorder.finish(new_tokens, config.eos_token_id, tokenizer.pad_token_id)
+        ended_by_stop = (lambda tokens: any(s in tokenizer.decode(tokens) for s in spec.stop)) if spec.stop else None
+        rank_recorder.finish(new_tokens, config.eos_token_id, tokenizer.pad_token_id, ended_by_stop)
     completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [cut_at_stop(text, spec.stop) for text in completions]
 

@@ -11,6 +11,7 @@ Steps after a sequence's EOS or stop string (padding) are not logged; the EOS st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,16 @@ class RankRecorder(LogitsProcessor):
         self.previous = scores.detach().clone()
         return scores
 
-    def finish(self, new_tokens: torch.Tensor, eos_ids: list[int], pad_id: int | None = None) -> None:
-        """Log the last step and cut each row after its first EOS (or before the padding that follows a stop
-        string); fills `low_confidence` / `low_probability`, one list per row."""
+    def finish(
+        self,
+        new_tokens: torch.Tensor,
+        eos_ids: list[int],
+        pad_id: int | None = None,
+        ended_by_stop: Callable[[torch.Tensor], bool] | None = None,
+    ) -> None:
+        """Log the last step and cut each row after its first EOS, or before the padding that follows a stop
+        string (`ended_by_stop(tokens)`: whether those tokens already hold one; a tokenizer that pads with its EOS
+        makes that padding look like an EOS step); fills `low_confidence` / `low_probability`, one list per row."""
         if self.previous is not None and len(self.steps) < new_tokens.shape[1]:
             self._record(new_tokens[:, len(self.steps)])
         if not self.steps:
@@ -72,7 +80,12 @@ class RankRecorder(LogitsProcessor):
         self.low_confidence, self.low_probability = [], []
         for row in range(steps.shape[0]):
             end = ends[row].nonzero()
-            length = steps.shape[1] if not len(end) else int(end[0]) + int(int(tokens[row, end[0]]) in eos_ids)
+            if not len(end):
+                length = steps.shape[1]
+            elif ended_by_stop is not None and ended_by_stop(tokens[row, : int(end[0])]):
+                length = int(end[0])
+            else:
+                length = int(end[0]) + int(int(tokens[row, end[0]]) in eos_ids)
             low_confidence, low_probability = logged_ranks(self.spec, steps[row, :length])
             self.low_confidence.append(low_confidence)
             self.low_probability.append(low_probability)

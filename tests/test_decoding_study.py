@@ -404,3 +404,25 @@ def test_gsm8k_scoring_reads_the_few_shot_answer_sentence():
     assert score_completion("gsm8k", completion, "72") == ("72", True)
     assert score_completion("gsm8k", "It costs $1,250 in total. The answer is $1,250.", "1250") == ("1250", True)
     assert score_completion("gsm8k", "3 + 4 = 7 and 7 * 2 = 14. The answer is 15.", "14") == ("15", False)
+
+
+def test_rank_logs_end_at_a_stop_string_when_the_tokenizer_pads_with_its_eos(tmp_path):
+    """A row stopped by a stop string is padded (here with the EOS) while the others go on: its log ends at the stop
+    string's last token, as vLLM's does, and holds no step for the padding."""
+    from conftest import save_tiny
+
+    folder = save_tiny(tmp_path / "gemma2", "gemma2")  # its greedy rows are not one repeated token
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    ids, mask = prompts(tokenizer)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    tokens = free[0, ids.shape[1] :].tolist()
+    change = next(k for k, token in enumerate(tokens) if token != tokens[0])
+    stop = tokenizer.decode(tokens[change : change + 1])
+    stop_length = next(n for n in range(1, 13) if stop in tokenizer.decode(tokens[:n]))  # by brute force
+    others = [tokenizer.decode(row[ids.shape[1] :]) for row in free[1:]]
+    assert 1 < stop_length < 12 and all(stop not in text for text in others)  # the other rows run 12 steps
+    recorder = RankRecorder(RankLogSpec(low_confidence=1.0, low_probability=1.0))
+    generate(model, tokenizer, ids, mask, GenerationSpec(max_new_tokens=12, stop=[stop]), rank_recorder=recorder)
+    assert recorder.low_confidence[0] == recorder.low_probability[0] == [1] * stop_length
+    assert [len(ranks) for ranks in recorder.low_confidence[1:]] == [12, 12]
