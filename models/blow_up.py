@@ -1,8 +1,8 @@
 """The blow-up guard of a training run: when a step's loss is non-finite or an optimizer step blows up the
 trainable weights, training stops with one line naming the newest checkpoint whose weights are still good.
 
-The trainer calls these where nothing can save the bad weights first (`CausalLMFineTuner.training_step` and
-`optimizer_step`, which run before any callback's hook of that step).
+`CausalLMFineTuner` calls these in `training_step` and `optimizer_step`, which run before any callback's hook of
+the step can save the bad weights.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The tokenizer it is built for is `models.adapters.planning_tokenizer`'s.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from models.loading import ModelSpec, load_model
 from models.packed_attention import use_packed_attention
 from models.sharding import shard_model
 from tasks.planning import PlanningSpec
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 Loss = Literal["chunked", "hf", "liger"]
 """How the training loss is computed (see `CausalLMFineTuner`); liger also patches the model with its kernels."""
@@ -42,7 +45,7 @@ def build_training_model(
     loss: Loss,
     tokenizer: PreTrainedTokenizerBase,
     new_tokens: set[str],
-    mesh=None,
+    mesh: DeviceMesh | None = None,
     device: torch.device | None = None,
 ) -> nn.Module:
     """The trainable model of a run, in training mode: `backbone` in the default dtype (`training_backbone`),
