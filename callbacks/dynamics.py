@@ -17,9 +17,11 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.contracts import HasPrompt, HoldsModel, require
 from callbacks.slurm import SlurmRequeue
 from core.io import run_directory, write_json_atomic
 from evaluation.likelihood import ScoringSpec, build_summary, load_pool, scalar_tags, score_pool, settings_record
+from evaluation.undisturbed import undisturbed
 from tasks.examples import DATA_DIR
 from tasks.prompts import PromptSpec
 
@@ -31,7 +33,8 @@ class LikelihoodDynamics(L.Callback):
     (log_likelihood, perplexity, token_count, entropy) at the step, and `{run dir}/dynamics/summary.json`.
 
     DDP: rank 0 scores with its own copy of the weights and writes; other ranks go on (FSDP's sharded
-    weights are not supported). The module's train/eval modes are restored after scoring.
+    weights are not supported). Scoring leaves training as it was: only the dropout layers switch off, and the
+    global RNG is restored after it (`evaluation.undisturbed`).
 
     Args:
         pool: the sample pool, a JSON list (or JSONL) of {"instruction", "input", "output", "type"};
@@ -70,9 +73,11 @@ class LikelihoodDynamics(L.Callback):
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        require(self, "model", module, HoldsModel)
+        if self.prompt is None:
+            require(self, "datamodule", trainer.datamodule, HasPrompt)
         self.samples = load_pool(self.pool or BUNDLED_POOL, self.types)
-        prompt = self.prompt or getattr(trainer.datamodule, "prompt", None) or PromptSpec()
-        self.spec = replace(self.spec, prompt=prompt)
+        self.spec = replace(self.spec, prompt=self.prompt or trainer.datamodule.prompt)
         self.settings = settings_record(self.spec, self.samples)
         self.directory = run_directory(trainer) / "dynamics"  # every rank: a broadcast under DDP
         self.records = {}
@@ -103,13 +108,8 @@ class LikelihoodDynamics(L.Callback):
             self.records[step] = {}  # rank 0 has it
             return
         start = time.perf_counter()
-        modes = {submodule: submodule.training for submodule in module.modules()}
-        module.eval()
-        try:
+        with undisturbed(module.model):
             results = score_pool(module.model, module.tokenizer, self.samples, self.spec, progress=f"dynamics {step}")
-        finally:
-            for submodule, training in modes.items():
-                submodule.train(training)
         end = time.perf_counter()
         name = "base_model" if step == 0 else f"step-{step}"
         record = {
@@ -128,9 +128,8 @@ class LikelihoodDynamics(L.Callback):
             "run_dir": str(self.directory.parent),
             "pool": str(self.pool or BUNDLED_POOL),
             "settings": self.settings,
+            "base_model": asdict(module.backbone),
         }
-        if hasattr(module, "backbone"):
-            header["base_model"] = asdict(module.backbone)
         summary = build_summary([r for r in self.records.values() if r], header)
         write_json_atomic(self.directory / "summary.json", summary)
         for logger in trainer.loggers:

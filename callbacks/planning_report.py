@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.contracts import CountsGoldTypes, EvaluatesRows, HasPlanning, require
 from core.io import run_directory, write_json_atomic
 
 SPLITS = {"val": "validation", "test": "test"}
@@ -23,20 +24,26 @@ class PlanningReport(L.Callback):
     def __init__(self) -> None:
         self.latest: dict | None = None
 
+    def setup(self, trainer, module, stage: str) -> None:
+        require(self, "model", module, EvaluatesRows)
+        require(self, "model", module, HasPlanning)
+        if stage != "predict":  # validation and test read its gold types
+            require(self, "datamodule", trainer.datamodule, CountsGoldTypes)
+
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
             self._report(trainer, module, "val", trainer.global_step)
 
     def on_test_end(self, trainer, module) -> None:
-        self._report(trainer, module, "test", max(trainer.global_step, getattr(module, "checkpoint_global_step", 0)))
+        self._report(trainer, module, "test", max(trainer.global_step, module.checkpoint_global_step))
 
     def _report(self, trainer, module, stage: str, step: int) -> None:
-        planning = getattr(module, "planning", None)
+        planning = module.planning
         if planning is None or not planning.active:  # the same on every rank: no collective skipped
             return
-        rows = getattr(module, "evaluation_rows", [])
+        rows = module.evaluation_rows
         rows = [row for row in rows if row.arm == rows[0].arm] if rows else []  # SLOT: the baseline arm
-        gold_by_id = getattr(trainer.datamodule, "gold_types", {}).get(SPLITS[stage], {})
+        gold_by_id = trainer.datamodule.gold_types.get(SPLITS[stage], {})
         run_dir = run_directory(trainer)  # a collective under DDP: every rank calls it
         if not trainer.is_global_zero or not rows:
             return

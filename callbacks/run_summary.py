@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.contracts import HasValidationData, ScoresLoss, require
 from callbacks.export import EpochExport
 from callbacks.planning_report import PlanningReport
 from core.io import run_directory
@@ -29,15 +30,19 @@ class RunSummary(L.Callback):
     def __init__(self) -> None:
         self.start: tuple[int, float] | None = None
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require(self, "model", module, ScoresLoss)
+            require(self, "datamodule", trainer.datamodule, HasValidationData)
+
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._print_start(trainer, run_directory(trainer))
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.start = None
-        datamodule = trainer.datamodule
-        if not trainer.limit_val_batches or not hasattr(module, "mean_loss") or datamodule is None:
+        if not trainer.limit_val_batches:
             return
-        self.start = (trainer.global_step, module.mean_loss(datamodule.val_dataloader()))
+        self.start = (trainer.global_step, module.mean_loss(trainer.datamodule.val_dataloader()))
         for logger in trainer.loggers if trainer.is_global_zero else ():
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_scalar("val/loss", self.start[1], self.start[0])

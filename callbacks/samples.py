@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.contracts import EvaluatesRows, require
 from core.io import run_directory, write_json_atomic, write_jsonl_atomic
 from evaluation.rows import EvaluationRow, rows_by_arm
 from evaluation.summaries import arms_summary, arms_table, evaluation_summary, summary_table
@@ -31,8 +32,11 @@ class SampleWriter(L.Callback):
     def __init__(self, table_rows: int = 4) -> None:
         self.table_rows = table_rows
 
+    def setup(self, trainer, module, stage: str) -> None:
+        require(self, "model", module, EvaluatesRows)
+
     def on_validation_end(self, trainer, module) -> None:
-        rows, run_dir = getattr(module, "evaluation_rows", []), run_directory(trainer)
+        rows, run_dir = module.evaluation_rows, run_directory(trainer)
         if trainer.sanity_checking or not trainer.is_global_zero or not rows:
             return
         name = f"val_step{trainer.global_step}"
@@ -44,11 +48,11 @@ class SampleWriter(L.Callback):
         log_table(trainer, "val/summary", summary_table(evaluation_summary([row.record() for row in rows])))
 
     def on_test_end(self, trainer, module) -> None:
-        rows, run_dir = getattr(module, "evaluation_rows", []), run_directory(trainer)
+        rows, run_dir = module.evaluation_rows, run_directory(trainer)
         if not trainer.is_global_zero or not rows:
             return
         folder = run_dir / "samples"
-        step = max(trainer.global_step, getattr(module, "checkpoint_global_step", 0))  # a loaded checkpoint's
+        step = max(trainer.global_step, module.checkpoint_global_step)  # a loaded checkpoint's
         name = f"test_step{step}"
         if rows[0].arm is not None:
             log_table(trainer, "test/arms", write_arms(folder / name, rows))
@@ -60,7 +64,7 @@ class SampleWriter(L.Callback):
         rank_zero_info(f"{summary_table(summary)}\nTest samples: {folder / name}.jsonl, summary: {name}_summary.json")
 
     def on_predict_end(self, trainer, module) -> None:
-        rows, run_dir = getattr(module, "evaluation_rows", []), run_directory(trainer)
+        rows, run_dir = module.evaluation_rows, run_directory(trainer)
         if trainer.is_global_zero and rows:
             write_rows(run_dir / "predictions.jsonl", run_dir / "rank_logs.jsonl", rows)
             rank_zero_info(f"Predictions: {run_dir / 'predictions.jsonl'}")

@@ -1,13 +1,15 @@
 """Causal-LM fine-tuning (full, LoRA, QLoRA, prompt-tuning of planning tokens): step logic and metrics only.
 
-The HF model is built in `configure_model` (so Lightning restores partial checkpoints into it);
-checkpoints hold only the trainable weights; side effects (exports, sample tables) live in callbacks.
+The tokenizer and the model come from `models/` (`planning_tokenizer`; `build_training_model`, called in
+`configure_model` so Lightning restores partial checkpoints into it); the blow-up checks are `models/blow_up.py`,
+scoring without disturbing training `evaluation/undisturbed.py`, the RNG states a checkpoint keeps `core/rng.py`.
+Checkpoints hold only the trainable weights; side effects (exports, sample tables) live in callbacks, which read
+the attributes `callbacks/contracts.py` lists.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -15,31 +17,26 @@ from typing import Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
-from core.checkpoint_file import last_finite_checkpoint
-from core.errors import TrainingStopped, UserInputError
+from core.errors import UserInputError
+from core.rng import restore_rng_states, rng_states
 from evaluation.generation import GenerationSpec
 from evaluation.pipeline import evaluate_batch
 from evaluation.rank_log import RankLogSpec
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
 from evaluation.teacher_forcing import losses_from_logits, response_loss, response_losses
+from evaluation.undisturbed import undisturbed
 from lightning_modules.schedules import refit_total_steps
-from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer
-from models.gated_mlp import use_lean_gated_mlps
-from models.liger import apply_liger_kernels, check_liger
-from models.loading import ModelSpec, load_model
-from models.packed_attention import use_packed_attention
-from models.sharding import shard_model
+from models.adapters import LoraSpec, planning_tokenizer
+from models.blow_up import blew_up, blown_up_step, non_finite_loss, trainable_norm
+from models.loading import ModelSpec
+from models.training_model import Loss, build_training_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
 TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
-Loss = Literal["chunked", "hf", "liger"]
-EXPLODING_GROWTH = 10.0
-"""An optimizer step that multiplies the norm of the trainable weights by more than this is a blow-up."""
 
 
 class CausalLMFineTuner(LightningModule):
@@ -118,27 +115,18 @@ class CausalLMFineTuner(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        if self.loss == "liger":
-            check_liger(self.trainer.strategy.root_device if self._trainer is not None else self.device)
-        backbone, dtype = self.backbone, torch.get_default_dtype()
-        if dtype != torch.float32 and backbone.quantization is None:
-            # precision *-true: Lightning casts the weights to its dtype (the default one here); load them in it
-            backbone = replace(backbone, dtype=str(dtype).removeprefix("torch."))
-
-        def build(empty: bool = False) -> torch.nn.Module:
-            model = load_model(backbone, empty=empty)
-            use_packed_attention(model)  # packed rows: attention example by example; other rows: sdpa as before
-            if self.loss == "liger":
-                apply_liger_kernels(model)
-            else:
-                use_lean_gated_mlps(model)  # the MLP's activation is recomputed in backward, not stored
-            return build_trainable_model(model, self.tokenizer, self.mode, self.lora, self.planning, self.new_tokens)
-
         mesh = self.device_mesh  # FSDP2 (configs/presets/gpu_fsdp.yaml): sharded, only rank 0 reads the weights
-        model = (
-            build() if mesh is None else shard_model(build, mesh["data_parallel"], self.trainer.strategy.root_device)
+        self.model = build_training_model(
+            self.backbone,
+            self.mode,
+            self.lora,
+            self.planning,
+            self.loss,
+            self.tokenizer,
+            self.new_tokens,
+            mesh=None if mesh is None else mesh["data_parallel"],
+            device=self.trainer.strategy.root_device if self._trainer is not None else self.device,
         )
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
 
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
@@ -186,69 +174,37 @@ class CausalLMFineTuner(LightningModule):
             return self.model(**inputs, use_cache=False).loss, tokens
         return response_loss(self.model, **inputs, fused=self.loss == "liger"), tokens
 
-    @torch.no_grad()
     def mean_loss(self, batches) -> float:
-        """Token-weighted mean response loss over `batches` (on this module's device), dropout off: the
-        quantity `val/loss` reports, without generating. Only the dropout layers switch modes (a whole-model
-        eval()/train() round trip froze QLoRA's adapters), and the global RNG is left as it was (a DataLoader
-        draws its base seed from it), so a resumed run stays bit-exact."""
-        dropouts = [module for module in self.model.modules() if isinstance(module, nn.Dropout) and module.training]
+        """Token-weighted mean response loss over `batches` (on this module's device), without disturbing training
+        (`evaluation.undisturbed`: dropout off, RNG restored): the quantity `val/loss` reports, without generating."""
         total, count = 0.0, 0
-        for module in dropouts:
-            module.eval()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                for batch in batches:
-                    loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
-                    total, count = total + loss.item() * tokens.item(), count + tokens.item()
-        finally:
-            for module in dropouts:
-                module.train()
+        with undisturbed(self.model):
+            for batch in batches:
+                loss, tokens = self._loss(self.trainer.strategy.batch_to_device(batch))
+                total, count = total + loss.item() * tokens.item(), count + tokens.item()
         return total / max(count, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The training loss; a non-finite one stops training (models/blow_up.py) before anything saves it."""
         loss, tokens = self._loss(batch)
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:  # the weights of this step produce it: only earlier checkpoints are good
-            step = self.global_step
-            self._stop(f"non-finite training loss ({loss.item()}) at step {step}: training stopped", step)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            raise non_finite_loss(loss.item(), self.global_step, self._checkpoint_folders())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", tokens.float(), reduce_fx="sum")
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """The optimizer step, checked before any callback can save its weights: weights that became non-finite,
-        or whose norm grew more than EXPLODING_GROWTH-fold in this one step (a learning rate far too high),
-        stop training."""
-        before = self._trainable_norm()
+        """The optimizer step, checked here, before any callback can save its weights: weights that it made
+        non-finite or blew up (models/blow_up.py) stop training."""
+        before = trainable_norm(self)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        after = self._trainable_norm()
-        exploded = not math.isfinite(after) or (before > 0 and after > EXPLODING_GROWTH * before)
-        if self.trainer.strategy.reduce_boolean_decision(exploded, all=False):
-            rates = ", ".join(f"{lr:.3g}" for lr in sorted({group["lr"] for group in optimizer.param_groups}))
-            step = self.global_step
-            self._stop(
-                f"the optimizer step from step {step} to {step + 1} blew up the trainable weights (norm {before:.3g} "
-                f"-> {after:.3g}; learning rate {rates}: lower it): training stopped before they were saved",
-                step + 1,
-            )
+        after = trainable_norm(self)
+        if self.trainer.strategy.reduce_boolean_decision(blew_up(before, after), all=False):
+            rates = [group["lr"] for group in optimizer.param_groups]
+            raise blown_up_step(self.global_step, before, after, rates, self._checkpoint_folders())
 
-    def _trainable_norm(self) -> float:
-        norms = [
-            torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in self.parameters() if p.requires_grad
-        ]
-        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-    def _stop(self, what: str, bad_step: int) -> None:
-        """Stop training, naming the newest checkpoint with finite weights saved before step `bad_step` (the
-        first step whose weights are bad), or saying that there is none."""
-        folders = [Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-        good = last_finite_checkpoint(folders, bad_step)
-        if good is None:
-            raise TrainingStopped(f"{what}; no checkpoint was saved before step {bad_step}")
-        raise TrainingStopped(
-            f"{what}; the last checkpoint before step {bad_step}, with finite weights: {good[0]} (step {good[1]})"
-        )
+    def _checkpoint_folders(self) -> list[Path]:
+        return [Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
 
     def on_validation_epoch_start(self) -> None:
         self.stage_rows = []
@@ -299,9 +255,7 @@ class CausalLMFineTuner(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["planning_tokens"] = self.planning.key_tokens()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}  # dropout continues exactly on resume
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = rng_states()  # dropout continues exactly on resume
         if self.mode != "full":
             keep = self.trainable_parameter_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
@@ -315,11 +269,7 @@ class CausalLMFineTuner(LightningModule):
                 f"the checkpoint's planning tokens differ from model.planning's: keys {sorted(saved_tokens)} "
                 f"vs {sorted(tokens)} (first difference: {differ[0]})"
             )
-        rng_states = checkpoint.get("rng_states", {})
-        if "torch" in rng_states:
-            torch.set_rng_state(rng_states["torch"])
-        if "cuda" in rng_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng_states["cuda"])
+        restore_rng_states(checkpoint.get("rng_states", {}))
         saved = set(checkpoint["state_dict"])
         unexpected = saved - set(self.state_dict())
         missing = self.trainable_parameter_names() - saved

@@ -80,10 +80,10 @@ class SLOTEvaluator(LightningModule):
         self.evaluation_rows: list[EvaluationRow] = []
 
     def on_test_start(self) -> None:
-        prompt = getattr(self.trainer.datamodule, "prompt", None)
-        if self.trained_prompt and prompt is not None and asdict(prompt) != self.trained_prompt:
+        datamodule = self.trainer.datamodule  # None: batches given to `trainer.test` directly
+        if self.trained_prompt and datamodule is not None and asdict(datamodule.prompt) != self.trained_prompt:
             log.warning("the checkpoint was trained with prompt %s; evaluating with data.prompt %s",
-                        self.trained_prompt, asdict(prompt))  # fmt: skip
+                        self.trained_prompt, asdict(datamodule.prompt))  # fmt: skip
 
     def on_test_epoch_start(self) -> None:
         self.stage_rows = []

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_cli import REPO, run_dir, run_main, tiny_args
 from test_slot import PROMPTS, batch_of, load
 
-import lightning_modules.finetune as finetune
 import models.loading
+import models.training_model as training_model
 from cli import build_cli
 from core.errors import UserInputError
 from evaluation.slot import optimise_deltas, prefill
@@ -43,7 +43,7 @@ def test_true_precision_loads_the_backbone_in_its_dtype(tiny_llama, monkeypatch)
     """precision bf16-true: the backbone is read in bf16, not read in fp32 and cast (no transient fp32 copy)."""
     asked = []
     real_load = models.loading.load_model
-    monkeypatch.setattr(finetune, "load_model", lambda spec, empty: asked.append(spec.dtype) or real_load(spec))
+    monkeypatch.setattr(training_model, "load_model", lambda spec, empty: asked.append(spec.dtype) or real_load(spec))
     module = CausalLMFineTuner(backbone=ModelSpec(name=str(tiny_llama)), mode="lora+prompt-tuning", planning=PLANNING)
     with HalfPrecision("bf16-true").tensor_init_context():  # what Lightning wraps configure_model in
         module.configure_model()
