@@ -3,6 +3,5 @@ function's signature and docstring are the command's arguments and `--help`; and
 subcommands (`lightning_cli.py`, with LightningCLI's private steps behind `cli_internals.py`).
 
 Layer 4, the entry points: may import every layer below (core, tasks, models, evaluation, datamodules,
-lightning_modules, callbacks) and each other without a cycle; never cli.py (it imports them). Nothing below
-imports them.
+lightning_modules, callbacks); never cli.py (it imports them) or integrations/. Nothing below imports them.
 """
