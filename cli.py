@@ -2,8 +2,10 @@
 
 Configs stack left to right (`--config configs/planning_gsm8k.yaml --config configs/presets/cpu_demo.yaml`)
 and any key can be overridden on the command line (`--trainer.max_steps 10`). `--print_config` shows
-the resolved configuration; `--help` documents every argument. Their parser and bad-input rules are
-commands/lightning_cli.py; the companion commands (`python cli.py COMMAND`, `COMMANDS`) are run from here.
+the resolved configuration; `--help` documents every argument.
+
+The parser of these subcommands, with its bad-input rules, is commands/lightning_cli.py. This file runs it or a
+companion command (`python cli.py COMMAND`, listed in `COMMANDS`) and turns our errors into one `error:` line.
 """
 
 from __future__ import annotations
