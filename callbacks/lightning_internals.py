@@ -13,4 +13,4 @@ def cluster_environment(trainer: L.Trainer) -> ClusterEnvironment:
     """The cluster environment the trainer runs in (SLURM, torchelastic, a plain machine...): the plugin given
     in `trainer.plugins` or the one Lightning detected. Lightning has no public accessor for it (a single-device
     strategy does not hold one)."""
-    return trainer._accelerator_connector.cluster_environment  # noqa: SLF001
+    return trainer._accelerator_connector.cluster_environment

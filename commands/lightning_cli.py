@@ -101,6 +101,8 @@ class ReasoningLabCLI(HookedLightningCLI):
             raise UserInputError(f"checkpoint '{path}': its model settings do not parse: {message}") from None
 
     def before_instantiate_classes(self) -> None:
+        """Before anything is built: output folders that can be made, plain run names, and no new fit mixed
+        into an existing run (`core.run_directory`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer, logger = config.trainer, config.trainer.logger
         if trainer.default_root_dir:
