@@ -36,6 +36,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.lightning_internals import cluster_environment
 from core.errors import TrainingInterrupted
 from core.io import run_directory
 
@@ -81,7 +82,7 @@ class SlurmRequeue(L.Callback):
 
     @staticmethod
     def environment(trainer: L.Trainer) -> SLURMEnvironment | None:
-        environment = trainer._accelerator_connector.cluster_environment  # noqa: SLF001 - no public accessor
+        environment = cluster_environment(trainer)
         return environment if isinstance(environment, SLURMEnvironment) and environment.auto_requeue else None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from commands.lightning_cli import resolve_config  # the CLI's own parser: validated exactly as `fit` would
 from core.errors import UserInputError
 from core.io import write_json_atomic, write_text_atomic
 from tasks.examples import get_task
@@ -192,8 +193,6 @@ def plan_run(
     inspect_task: Path,
 ) -> RunPlan:
     """Every file of one run, as text (nothing written yet)."""
-    from cli import resolve_config  # the CLI's own parser: the config is validated exactly as `fit` would
-
     if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name) or run.name in (".", ".."):
         raise UserInputError(
             f"scaffold: run name '{run.name}' may only hold letters, digits, '.', '_' and '-' (and is not '.' or '..')"

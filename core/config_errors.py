@@ -1,10 +1,13 @@
-"""One line out of jsonargparse's nested parse errors: the key at fault and, for an unknown key, its valid
-neighbours (did-you-mean).
+"""jsonargparse's errors in one place: one line out of its nested parse errors (the key at fault and, for an
+unknown key, its valid neighbours: did-you-mean), a YAML syntax error's file and place, and the error behind its
+wrapping of errors raised while instantiating.
 
 jsonargparse reports a bad key inside a class (`--model.init_args.lora.rank 8`, a YAML `lora: {rr: 8}`) as a
 tree of "Parser key" / "Does not validate against any of the Union subtypes" / "Problem with given class_path"
 lines around the one line that matters. `one_line` walks that tree by indentation to the first leaf, rebuilds
-the dotted key from its ancestors and lists the keys the class at that place accepts.
+the dotted key from its ancestors and lists the keys the class at that place accepts. It matches jsonargparse's
+wording (the patterns below); tests/test_config_errors.py makes the real errors and checks the line, so a
+jsonargparse upgrade that rewords them fails there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+Error = typing.TypeVar("Error", bound=BaseException)
 STRUCTURE = (
     "Does not validate against any of the Union subtypes",
     "Subtypes:",
@@ -35,6 +39,12 @@ UNKNOWN_IN_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '
 MAX_LISTED = 20  # valid keys listed in full up to this many
 UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # jsonargparse's loader: the same errors and places
+
+
+def parse_error_line(error: BaseException, argv: list[str], options: list[str]) -> str:
+    """The one line for jsonargparse's parse `error` of `argv`: a YAML syntax error's file and place, else
+    `one_line` (with `options`, the dotted names that argv's options may take)."""
+    return yaml_syntax_error(error, argv) or one_line(str(error), options)
 
 
 def one_line(message: str, options: list[str] | None = None) -> str:
@@ -154,7 +164,7 @@ def yaml_syntax_error(error: BaseException, argv: list[str]) -> str | None:
     jsonargparse reads a config file into a string before parsing it, so its message says `<unicode string>`
     and its one-line form ends before the place. The file is found again among the YAML files in `argv`
     (`--config X`, `--config=X`, `--trainer X.yaml`): the first whose own parse fails at the same place."""
-    found = _cause_of_type(error, yaml.MarkedYAMLError)
+    found = cause_of_type(error, yaml.MarkedYAMLError)
     if found is None:
         return None
     failing = []  # (path, its own error): the files of argv that are not valid YAML
@@ -172,7 +182,9 @@ def yaml_syntax_error(error: BaseException, argv: list[str]) -> str | None:
     return _yaml_line("YAML in a command-line value", found)
 
 
-def _cause_of_type(error: BaseException | None, kind: type) -> BaseException | None:
+def cause_of_type(error: BaseException | None, kind: type[Error]) -> Error | None:
+    """The error of type `kind` behind `error` (itself, or along its causes and contexts: jsonargparse wraps the
+    errors raised while parsing and instantiating); None when there is none."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kind):
