@@ -36,7 +36,6 @@ from jsonargparse import ArgumentError, auto_cli
 from commands.lightning_cli import build_cli
 from core.config_errors import cause_of_type, parse_error_line
 from core.errors import ReasoningLabError, UserInputError
-from core.run_directory import newest_checkpoint  # noqa: F401 - tests/test_faults.py imports it from here
 
 # Companion commands beside Lightning's subcommands: name -> ("module:function", one-line description).
 # The function's signature and docstring become the command's arguments and `--help` (jsonargparse).

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from callbacks.checkpoints import AtomicCheckpointIO
-from cli import newest_checkpoint
 from core.errors import NotSaved, UserInputError
 from core.io import remove_partial
+from core.run_directory import newest_checkpoint
 from lightning_modules.schedules import WarmupCosineLR, refit_total_steps
 from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
 from tests.test_slurm import assert_same_final_weights
