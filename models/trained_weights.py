@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from peft.utils import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
 from core.errors import UserInputError
@@ -45,6 +45,8 @@ def load_weights(
     required = {name for name, _ in model.named_parameters()}
     if isinstance(model, PeftModel):
         required = {name for name in required if model.active_adapter in name.split(".")}
+    # PEFT saves a tied lm_head's trainable rows twice and loads them once: what it would save is expected
+    saved_names = set(get_peft_model_state_dict(model)) if peft_format else None
     try:
         if peft_format:
             result = set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
@@ -52,7 +54,8 @@ def load_weights(
             result = model.load_state_dict(weights, strict=False)
     except RuntimeError as error:  # shapes differ
         raise UserInputError(f"{_mismatch(source, backbone, mode)}: {_last_line(error)}") from None
-    refuse_mismatch(required & set(result.missing_keys), set(result.unexpected_keys), source, backbone, mode)
+    unexpected = set(weights) - saved_names if peft_format else set(result.unexpected_keys)
+    refuse_mismatch(required & set(result.missing_keys), unexpected, source, backbone, mode)
 
 
 def refuse_mismatch(missing: set[str], unexpected: set[str], source: str, backbone: str, mode: str) -> None:
