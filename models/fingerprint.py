@@ -29,7 +29,7 @@ def fingerprint(model: nn.Module, dtype: str | None = None) -> str | None:
     matrix = model.get_input_embeddings().weight
     if matrix.is_meta:
         return None
-    rows = torch.linspace(0, matrix.shape[0] - 1, ROWS).long().unique()
+    rows = torch.tensor(sorted({index * (matrix.shape[0] - 1) // (ROWS - 1) for index in range(ROWS)}))
     held = str(matrix.dtype).removeprefix("torch.")
     values = matrix.detach()[rows.to(matrix.device)].cpu()
     values = values.to(getattr(torch, dtype or held)).to(torch.bfloat16)
