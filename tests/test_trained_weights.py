@@ -221,22 +221,21 @@ def test_weights_trained_on_another_backbone_of_the_same_shapes_are_refused(lora
     assert load_trained(other, root / "checkpoint-5").model is not None
 
 
-def test_the_fingerprint_ignores_dtype_and_planning_rows_and_names_the_training_dtype(tiny_llama, tmp_path):
+def test_the_fingerprint_is_the_same_for_every_dtype_and_training_setup(tiny_llama, tmp_path):
     spec = ModelSpec(name=str(tiny_llama))
     plain = fingerprint(load_model(spec))
-    assert plain.startswith("float32:")
-    assert fingerprint(load_model(ModelSpec(name=str(tiny_llama), dtype="bfloat16")), "float32") == plain
-    # a bfloat16 folder of the same weights, read in float32: the same fingerprint once rounded
-    bf16 = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
-    bf16.save_pretrained(tmp_path / "bf16")
-    assert fingerprint(load_model(ModelSpec(name=str(tmp_path / "bf16")))) == plain
-    # a model trained in float16 (16-true) records float16; the float32 base checks against it
-    half = fingerprint(load_model(ModelSpec(name=str(tiny_llama), dtype="float16")))
-    assert half.startswith("float16:")
-    check_fingerprint(half, load_model(spec), spec.name, "a float16 run")
+    for dtype in ("bfloat16", "float16"):  # bf16-true / 16-true training, or an evaluation in either
+        assert fingerprint(load_model(ModelSpec(name=str(tiny_llama), dtype=dtype))) == plain
+        AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=getattr(torch, dtype)).save_pretrained(tmp_path / dtype)
+        assert fingerprint(load_model(ModelSpec(name=str(tmp_path / dtype)))) == plain  # a folder saved in it
+    # QLoRA: embeddings loaded in the compute dtype, then upcast to float32 for training
+    qlora_like = load_model(ModelSpec(name=str(tiny_llama), dtype="float16"))
+    qlora_like.get_input_embeddings().float()
+    assert fingerprint(qlora_like) == plain
     # the training model (planning rows added, PEFT-wrapped) records the plain load's fingerprint
     module = trained_module(tiny_llama, "lora+prompt-tuning", PLANNING)
     assert recorded_fingerprint(module.model) == plain
+    check_fingerprint(plain, load_model(spec), spec.name, "a run")
 
 
 def test_training_info_round_trips_reads_version_less_files_and_refuses_newer_ones(tmp_path):
@@ -248,7 +247,7 @@ def test_training_info_round_trips_reads_version_less_files_and_refuses_newer_on
         planning={**asdict(PLANNING), "tokens": PLANNING.key_tokens()},
         prompt={"style": "chat"},
         task="gsm8k",
-        base_fingerprint="float32:0123456789abcdef",
+        base_fingerprint="0123456789abcdef",
     )
     info.write(tmp_path)
     assert read_training_info(tmp_path) == info
@@ -267,7 +266,7 @@ def test_training_info_round_trips_reads_version_less_files_and_refuses_newer_on
 
 def test_checkpoint_extras_round_trip_and_refuse_a_newer_version():
     checkpoint = {"state_dict": {"model.a": torch.zeros(1), "model.b": torch.ones(1)}}
-    extras = CheckpointExtras({"+": ["<+_0>"]}, {"torch": torch.get_rng_state()}, "float32:0123456789abcdef")
+    extras = CheckpointExtras({"+": ["<+_0>"]}, {"torch": torch.get_rng_state()}, "0123456789abcdef")
     write_extras(checkpoint, extras, keep={"model.b"})
     assert set(checkpoint["state_dict"]) == {"model.b"} and checkpoint["extras_format_version"] == 1
     read = read_extras(checkpoint, "last.ckpt")
