@@ -6,8 +6,9 @@ or its `checkpoints/`), sorted by step as an integer; the base model is step 0. 
 (a Lightning checkpoint first, then an export or HF folder: the same weights). Something that looks like
 a checkpoint but cannot be read is reported by name (`Discovery.problems`) instead of being used.
 
-Loaded by `CheckpointModels`: adapter checkpoints (LoRA/QLoRA) are swapped into ONE loaded base model;
-anything else (full weights, planning-token rows) is loaded by `models/loader.py`. A Lightning checkpoint is
+Loaded by `CheckpointModels`: adapter checkpoints (LoRA/QLoRA) are swapped into ONE loaded base model (their
+weights checked and loaded by `models.trained_weights`, like every other path); anything else (full weights,
+planning-token rows) is loaded by `models/loader.py`. A Lightning checkpoint is
 read once for its step here and once when it is scored (memory-mapped, weights only).
 """
 
@@ -34,6 +35,7 @@ from models.loader import from_lightning_checkpoint, load_trained
 from models.loading import ModelSpec, load_model
 from models.modes import TrainingMode
 from models.trained_weights import adapter_model, load_weights, plain_backbone
+from models.training_info import FILE_NAME as INFO_FILE
 from models.training_info import TrainingInfo, read_training_info
 from models.trust import as_mapping, check_recorded_backbone
 
@@ -100,7 +102,7 @@ def describe_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path.name, int(match.group(1)), path, "hf")
     if re.fullmatch(r"epoch_\d+", path.name):
         return Checkpoint(path.name, _export_step(path), path, "export")
-    return Checkpoint(path.name, _export_step(path) if (path / "training_info.json").is_file() else 0, path, "hf")
+    return Checkpoint(path.name, _export_step(path) if (path / INFO_FILE).is_file() else 0, path, "hf")
 
 
 def _check_model_folder(path: Path) -> None:

@@ -69,9 +69,7 @@ def read_tokenizer(backbone: ModelSpec, checkpoint: str | Path | None = None) ->
     if path is not None and path.is_dir() and _has_tokenizer(path):
         return _folder_tokenizer(path, backbone)
     if path is not None and path.is_file():
-        return planning_tokenizer(
-            backbone, planning_spec(read_checkpoint(path).get("hyper_parameters", {}).get("planning"))
-        )[0]
+        return planning_tokenizer(backbone, _checkpoint_planning(path))[0]
     return load_tokenizer(backbone)
 
 
@@ -82,6 +80,11 @@ def read_planning(checkpoint: str | Path | None) -> PlanningSpec:
         return PlanningSpec()
     if path.is_dir():
         return (read_training_info(path) or TrainingInfo()).planning_spec
+    return _checkpoint_planning(path)
+
+
+def _checkpoint_planning(path: Path) -> PlanningSpec:
+    """The planning settings a Lightning checkpoint's hyper-parameters record."""
     return planning_spec(read_checkpoint(path).get("hyper_parameters", {}).get("planning"))
 
 

@@ -216,6 +216,10 @@ def test_weights_trained_on_another_backbone_of_the_same_shapes_are_refused(lora
             CheckpointModels(other).model(describe_checkpoint(checkpoint)),
         ):
             pass
+    resumed = CausalLMFineTuner(backbone=other, mode="lora", lora=LORA)  # fit --ckpt_path on the other backbone
+    resumed.configure_model()
+    with pytest.raises(UserInputError, match=rf"the checkpoint was trained on other base weights than {other_llama}"):
+        resumed.on_load_checkpoint(torch.load(lora_run["ckpt"], weights_only=True))
     # positive control: the backbone it was trained on loads; a folder recording no fingerprint loads as before
     assert load_trained(ModelSpec(name=str(tiny_llama)), lora_run["ckpt"]).step == 3
     assert load_trained(other, root / "checkpoint-5").model is not None
