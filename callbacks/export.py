@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -12,10 +11,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.checkpoints import epoch_finished
-from core.errors import NotSaved
-from core.io import atomic_directory, remove_partial, run_directory, write_json_atomic
-from models.adapters import rebuild_with_adapter
-from models.loader import model_from_training_state
+from core.errors import NotSaved, UserInputError
+from core.io import atomic_directory, remove_partial, run_directory
+from models.checkpoint_extras import module_weights
+from models.fingerprint import recorded_fingerprint
+from models.modes import TrainingMode
+from models.trained_weights import trained_model
+from models.training_info import TrainingInfo, read_training_info
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +118,18 @@ class EpochExport(L.Callback):
             with torch.random.fork_rng(devices=[]), atomic_directory(path) as staging:
                 dtype = TRUE_PRECISION.get(str(trainer.precision))
                 export_model(module, state, staging, adapter_only=self.adapter_only, dtype=dtype)
-                info = {"epoch": epoch, "global_step": step, "mode": module.mode}
-                info["backbone"] = asdict(module.backbone)
-                info["planning"] = {**asdict(module.planning), "tokens": module.planning.key_tokens()}
                 datamodule = trainer.datamodule
-                if datamodule is not None and hasattr(datamodule, "prompt"):
-                    info["prompt"] = asdict(datamodule.prompt)
-                    info["task"] = datamodule.task.name
-                write_json_atomic(staging / "training_info.json", info)
+                has_prompt = datamodule is not None and hasattr(datamodule, "prompt")
+                TrainingInfo(
+                    global_step=step,
+                    epoch=epoch,
+                    mode=str(module.mode),
+                    backbone=asdict(module.backbone),
+                    planning={**asdict(module.planning), "tokens": module.planning.key_tokens()},
+                    prompt=asdict(datamodule.prompt) if has_prompt else None,
+                    task=datamodule.task.name if has_prompt else None,
+                    base_fingerprint=recorded_fingerprint(module.model),
+                ).write(staging)
         except OSError as error:
             raise NotSaved(
                 f"could not write the epoch export '{path}': {error.strerror or error}; no partial folder was left: "
@@ -134,9 +140,10 @@ class EpochExport(L.Callback):
 def exported_at(path: Path) -> int | None:
     """The global step of the complete export at `path` (None when there is none)."""
     try:
-        return json.loads((path / "training_info.json").read_text()).get("global_step")
-    except (OSError, ValueError, AttributeError):
+        info = read_training_info(path)
+    except UserInputError:
         return None
+    return info.global_step if info is not None else None
 
 
 TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -148,19 +155,25 @@ def export_model(
 ) -> None:
     """Save the fine-tuned model of `module` (weights in `state`) as a HF folder with its tokenizer; a merged
     adapter export in `dtype` when given (full fine-tuning saves its weights as they are)."""
-    weights = {key.removeprefix("model."): value.detach().cpu() for key, value in state.items()}
-    if module.mode == "full":
+    mode = TrainingMode(module.mode)
+    keep = module.trainable_parameter_names() if mode.saves_trainable_only else set(state)
+    weights = module_weights({key: value.detach().cpu() for key, value in state.items() if key in keep})
+    if not mode.saves_trainable_only:
         module.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
         module.tokenizer.save_pretrained(path)
         return
-    trainable = {name.removeprefix("model.") for name in module.trainable_parameter_names()}
-    adapter = {key: value for key, value in weights.items() if key in trainable}
+    model = trained_model(
+        module.backbone,
+        module.mode,
+        module.lora,
+        module.planning,
+        weights,
+        "export",
+        recorded_fingerprint(module.model),
+        merge=not adapter_only,
+    )
     if adapter_only:
-        peft_model = rebuild_with_adapter(module.backbone, module.lora, adapter, "export", module.mode, module.planning)
-        peft_model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True)
     else:
-        merged = model_from_training_state(
-            module.backbone, module.mode, module.lora, module.planning, adapter, "export"
-        )
-        merged.to(dtype or merged.dtype).save_pretrained(path, safe_serialization=True)
+        model.to(dtype or model.dtype).save_pretrained(path, safe_serialization=True)
     module.tokenizer.save_pretrained(path)

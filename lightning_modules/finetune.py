@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from lightning import LightningModule
@@ -29,14 +28,15 @@ from evaluation.undisturbed import undisturbed
 from lightning_modules.schedules import refit_total_steps
 from models.adapters import LoraSpec, planning_tokenizer
 from models.blow_up import blew_up, blown_up_step, non_finite_loss, trainable_norm
+from models.checkpoint_extras import CheckpointExtras, read_extras, write_extras
+from models.fingerprint import recorded_fingerprint, refuse_other_base
 from models.loading import ModelSpec
+from models.modes import Mode, TrainingMode
+from models.trained_weights import refuse_mismatch
 from models.training_model import Loss, build_training_model
 from tasks.planning import CLUSTER_METHODS, PlanningSpec
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["full", "lora", "qlora", "prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning"]
-TOKEN_MODES = ("prompt-tuning", "lora+prompt-tuning", "qlora+prompt-tuning")
 
 
 class CausalLMFineTuner(LightningModule):
@@ -78,14 +78,14 @@ class CausalLMFineTuner(LightningModule):
         # evaluation knobs and the loss kernel (a compute choice: a liger-trained checkpoint evaluates on a CPU) are
         # kept out of the hparams that `--ckpt_path` re-applies over the config
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation", "rank_log", "loss"])
-        backbone = backbone or ModelSpec()
-        if mode.startswith("qlora") and backbone.quantization is None:
+        backbone, training_mode = backbone or ModelSpec(), TrainingMode(mode)
+        if training_mode.quantized and backbone.quantization is None:
             backbone = replace(backbone, quantization="nf4")
-        if not mode.startswith("qlora") and backbone.quantization is not None:
+        if not training_mode.quantized and backbone.quantization is not None:
             raise UserInputError(
                 f"model.backbone.quantization={backbone.quantization} needs mode: qlora or qlora+prompt-tuning"
             )
-        self.backbone, self.mode, self.loss = backbone, mode, loss
+        self.backbone, self.mode, self.loss = backbone, training_mode, loss
         self.lora = lora or LoraSpec()
         self.generation = generation or GenerationSpec()
         self.rank_log = rank_log
@@ -93,9 +93,9 @@ class CausalLMFineTuner(LightningModule):
         self.planning = planning or PlanningSpec()
         if self.planning.embedding_model is None and self.planning.method in CLUSTER_METHODS:
             self.planning = replace(self.planning, embedding_model=self.backbone.name)
-        if mode in TOKEN_MODES and not self.planning.active:
+        if training_mode.trains_token_rows and not self.planning.active:
             raise UserInputError(f"model.mode={mode} trains planning tokens: set model.planning.method")
-        if mode in ("lora", "qlora") and self.planning.active:
+        if training_mode.lora_only and self.planning.active:
             raise UserInputError(f"model.mode={mode} leaves the planning tokens untrained: use {mode}+prompt-tuning")
         self.tokenizer, new_tokens = planning_tokenizer(self.backbone, self.planning)
         self.new_tokens = set(new_tokens)  # rows initialised in configure_model
@@ -130,7 +130,7 @@ class CausalLMFineTuner(LightningModule):
 
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
-        if self.planning.token_lr is not None and self.mode in TOKEN_MODES:  # the planning rows: their own rate
+        if self.planning.token_lr is not None and self.mode.trains_token_rows:  # the planning rows: their own rate
             rows = [p for n, p in self.named_parameters() if p.requires_grad and "trainable_tokens_delta" in n]
             rest = [p for p in parameters if all(p is not row for row in rows)]
             groups = ({"params": rest}, {"params": rows, "lr": self.planning.token_lr})
@@ -254,28 +254,23 @@ class CausalLMFineTuner(LightningModule):
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["planning_tokens"] = self.planning.key_tokens()
-        checkpoint["rng_states"] = rng_states()  # dropout continues exactly on resume
-        if self.mode != "full":
-            keep = self.trainable_parameter_names()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        extras = CheckpointExtras(self.planning.key_tokens(), rng_states(), recorded_fingerprint(self.model))
+        write_extras(checkpoint, extras, self.trainable_parameter_names() if self.mode.saves_trainable_only else None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_global_step = checkpoint.get("global_step", 0)  # names the outputs of `test`
-        saved_tokens, tokens = checkpoint.get("planning_tokens", {}), self.planning.key_tokens()
+        extras = read_extras(checkpoint, "the checkpoint")
+        saved_tokens, tokens = extras.planning_tokens or {}, self.planning.key_tokens()
         if saved_tokens != tokens:
             differ = sorted(set(map(str, saved_tokens.items())) ^ set(map(str, tokens.items())))
             raise UserInputError(
                 f"the checkpoint's planning tokens differ from model.planning's: keys {sorted(saved_tokens)} "
                 f"vs {sorted(tokens)} (first difference: {differ[0]})"
             )
-        restore_rng_states(checkpoint.get("rng_states", {}))
+        refuse_other_base(
+            extras.base_fingerprint, recorded_fingerprint(self.model), self.backbone.name, "the checkpoint"
+        )
+        restore_rng_states(extras.rng_states)  # dropout continues exactly on resume
         saved = set(checkpoint["state_dict"])
-        unexpected = saved - set(self.state_dict())
-        missing = self.trainable_parameter_names() - saved
-        if unexpected or missing:
-            example = sorted(unexpected or missing)[0]
-            raise UserInputError(
-                f"the checkpoint does not match this model (backbone {self.backbone.name}, mode {self.mode}): "
-                f"{len(unexpected)} unexpected and {len(missing)} missing weights, e.g. '{example}'"
-            )
+        missing, unexpected = self.trainable_parameter_names() - saved, saved - set(self.state_dict())
+        refuse_mismatch(missing, unexpected, "the checkpoint", self.backbone.name, self.mode)

@@ -6,8 +6,9 @@ or its `checkpoints/`), sorted by step as an integer; the base model is step 0. 
 (a Lightning checkpoint first, then an export or HF folder: the same weights). Something that looks like
 a checkpoint but cannot be read is reported by name (`Discovery.problems`) instead of being used.
 
-Loaded by `CheckpointModels`: adapter checkpoints (LoRA/QLoRA) are swapped into ONE loaded base model;
-anything else (full weights, planning-token rows) is loaded by `models/loader.py`. A Lightning checkpoint is
+Loaded by `CheckpointModels`: adapter checkpoints (LoRA/QLoRA) are swapped into ONE loaded base model (their
+weights checked and loaded by `models.trained_weights`, like every other path); anything else (full weights,
+planning-token rows) is loaded by `models/loader.py`. A Lightning checkpoint is
 read once for its step here and once when it is scored (memory-mapped, weights only).
 """
 
@@ -17,19 +18,25 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, get_peft_model
-from peft.utils import load_peft_weights, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig
+from peft.utils import load_peft_weights
 from transformers import PreTrainedModel
 
 from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
 from models.adapters import LoraSpec
+from models.checkpoint_extras import read_extras, trained_weights
+from models.fingerprint import check_fingerprint
 from models.loader import from_lightning_checkpoint, load_trained
 from models.loading import ModelSpec, load_model
+from models.modes import TrainingMode
+from models.trained_weights import adapter_model, load_weights, plain_backbone
+from models.training_info import FILE_NAME as INFO_FILE
+from models.training_info import TrainingInfo, read_training_info
 from models.trust import as_mapping, check_recorded_backbone
 
 BASE_NAME = "base_model"
@@ -95,7 +102,7 @@ def describe_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path.name, int(match.group(1)), path, "hf")
     if re.fullmatch(r"epoch_\d+", path.name):
         return Checkpoint(path.name, _export_step(path), path, "export")
-    return Checkpoint(path.name, _export_step(path) if (path / "training_info.json").is_file() else 0, path, "hf")
+    return Checkpoint(path.name, _export_step(path) if (path / INFO_FILE).is_file() else 0, path, "hf")
 
 
 def _check_model_folder(path: Path) -> None:
@@ -108,9 +115,12 @@ def _check_model_folder(path: Path) -> None:
 
 def _export_step(path: Path) -> int:
     try:
-        return int(json.loads((path / "training_info.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserInputError(f"{path.name}: no readable training_info.json with its global_step") from None
+        info = read_training_info(path)
+    except UserInputError as error:
+        raise UserInputError(f"{path.name}: no readable training_info.json with its global_step ({error})") from None
+    if info is None or not isinstance(info.global_step, int):
+        raise UserInputError(f"{path.name}: no readable training_info.json with its global_step")
+    return info.global_step
 
 
 def _lightning_step(path: Path) -> int:
@@ -128,7 +138,7 @@ def recorded_backbone(checkpoint: Checkpoint) -> dict | None:
     if checkpoint.kind == "lightning":
         backbone = read_checkpoint(checkpoint.path).get("hyper_parameters", {}).get("backbone")
     elif checkpoint.kind == "export":
-        backbone = json.loads((checkpoint.path / "training_info.json").read_text(encoding="utf-8")).get("backbone")
+        backbone = (read_training_info(checkpoint.path) or TrainingInfo()).backbone
     else:
         return None
     return as_mapping(backbone) if backbone is not None else None
@@ -179,7 +189,7 @@ class CheckpointModels:
     or a full checkpoint loaded on its own (released after use)."""
 
     def __init__(self, backbone: ModelSpec, device: str | torch.device = "cpu") -> None:
-        self.backbone = replace(backbone, quantization=None, gradient_checkpointing=False)
+        self.backbone = plain_backbone(backbone)
         self.device = torch.device(device)
         self._base: PreTrainedModel | None = None
         self._peft = None
@@ -215,50 +225,36 @@ class CheckpointModels:
         finally:
             del model
 
-    def _adapter_of(self, checkpoint: Checkpoint, saved: dict | None) -> tuple[LoraConfig, dict, bool] | None:
-        """(config, weights, weights in PEFT's saved format) of an adapter checkpoint; None for full weights.
-        `saved`: the contents of a Lightning checkpoint."""
+    def _adapter_of(
+        self, checkpoint: Checkpoint, saved: dict | None
+    ) -> tuple[LoraConfig, dict, bool, str | None] | None:
+        """(config, weights, weights in PEFT's saved format, recorded base fingerprint) of a LoRA checkpoint; None
+        for anything the loader merges (full weights, planning-token rows). `saved`: a Lightning checkpoint's
+        contents."""
         path = checkpoint.path
         if saved is not None:
             hparams = saved.get("hyper_parameters", {})
-            if hparams.get("mode") not in ("lora", "qlora"):  # full weights, or planning-token rows to merge
+            if not TrainingMode(hparams.get("mode", "full")).lora_only:
                 return None
-            weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
-            return LoraSpec(**hparams.get("lora", {})).to_config(), weights, False
-        if not (path / "adapter_config.json").is_file() or _has_planning_tokens(path):
+            extras = read_extras(saved, checkpoint.name)
+            weights = trained_weights(saved, checkpoint.name)
+            return LoraSpec(**hparams.get("lora", {})).to_config(), weights, False, extras.base_fingerprint
+        info = read_training_info(path)
+        if not (path / "adapter_config.json").is_file() or (info is not None and info.has_planning_tokens):
             return None  # planning-token rows: the loader resizes the base and merges them
         config = PeftConfig.from_pretrained(str(path))
         if not isinstance(config, LoraConfig):
             raise UserInputError(f"{checkpoint.name}: a {type(config).__name__} adapter; only LoRA is supported")
-        return config, load_peft_weights(str(path), device="cpu"), True
+        fingerprint = info.base_fingerprint if info is not None else None
+        return config, load_peft_weights(str(path), device="cpu"), True, fingerprint
 
-    def _swap_in(self, name: str, config: LoraConfig, weights: dict, saved_format: bool):
+    def _swap_in(self, name: str, config: LoraConfig, weights: dict, peft_format: bool, fingerprint: str | None):
+        """The one PEFT model, holding the adapter `weights` (a new wrapping only when the LoRA shape changes)."""
+        check_fingerprint(fingerprint, self._base_model(), self.backbone.name, name)
         key = (config.r, config.lora_alpha, tuple(sorted(config.target_modules or [])), config.use_rslora)
         if self._peft is None or key != self._lora_key:
             base = self._peft.unload() if self._peft is not None else self._base_model()
-            with torch.random.fork_rng(devices=[]):  # adapter init draws random numbers
-                self._peft = get_peft_model(base, replace(config, inference_mode=True)).to(self.device)
+            self._peft = adapter_model(base, config).to(self.device)
             self._lora_key = key
-        if saved_format:
-            result = set_peft_model_state_dict(self._peft, weights)
-        else:
-            result = self._peft.load_state_dict(weights, strict=False)
-        missing = [key for key in result.missing_keys if "lora_" in key]
-        if result.unexpected_keys or missing:
-            example = sorted(result.unexpected_keys or missing)[0]
-            raise UserInputError(
-                f"{name} does not match model {self.backbone.name}: {len(result.unexpected_keys)} unexpected and "
-                f"{len(missing)} missing adapter weights, e.g. '{example}'"
-            )
+        load_weights(self._peft, weights, name, self.backbone.name, "lora", peft_format)
         return self._peft.eval()
-
-
-def _has_planning_tokens(path: Path) -> bool:
-    """Whether an export's training_info.json records planning tokens (their rows are part of the adapter)."""
-    info = path / "training_info.json"
-    if not info.is_file():
-        return False
-    try:
-        return bool(json.loads(info.read_text(encoding="utf-8")).get("planning", {}).get("tokens"))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return False

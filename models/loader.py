@@ -4,23 +4,28 @@ Accepted checkpoints: none (the backbone itself); an `epoch_N/` export or HF `ch
 full weights or a PEFT adapter; a Lightning `.ckpt` of `cli.py fit` (full weights or adapters, with or without
 planning-token rows). Each file is read once (`read_checkpoint`: weights only, memory-mapped). The tokenizer
 follows one rule: a folder's own tokenizer when it has one, else the backbone's plus the run's planning
-tokens (exactly what training used). Exports, `test`/`predict` of SLOT, `dynamics`, `select` and `traces` load
-through here; `fit`'s own `--ckpt_path` restore builds the same model through `models/adapters.py`.
+tokens (exactly what training used). Weights go in through `models.trained_weights` (one key check, one message,
+and the base-weights fingerprint the run recorded). `test`/`predict` of SLOT, `dynamics`, `select` and `traces`
+load through here; `fit`'s own `--ckpt_path` restore builds the same model through `models/adapters.py`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peft import PeftModel
+from peft import PeftConfig
+from peft.utils import load_peft_weights
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
-from models.adapters import LoraSpec, build_trainable_model, planning_tokenizer, rebuild_with_adapter
+from models.adapters import LoraSpec, planning_tokenizer
+from models.checkpoint_extras import read_extras, trained_weights
+from models.fingerprint import check_fingerprint
 from models.loading import ModelSpec, load_model, load_tokenizer
+from models.trained_weights import adapter_model, load_weights, plain_backbone, trained_model
+from models.training_info import TrainingInfo, planning_spec, read_training_info
 from models.trust import check_recorded_backbone, refuse_custom_code
 from tasks.planning import PlanningSpec
 
@@ -64,7 +69,7 @@ def read_tokenizer(backbone: ModelSpec, checkpoint: str | Path | None = None) ->
     if path is not None and path.is_dir() and _has_tokenizer(path):
         return _folder_tokenizer(path, backbone)
     if path is not None and path.is_file():
-        return planning_tokenizer(backbone, _planning_of(read_checkpoint(path).get("hyper_parameters", {})))[0]
+        return planning_tokenizer(backbone, _checkpoint_planning(path))[0]
     return load_tokenizer(backbone)
 
 
@@ -74,23 +79,26 @@ def read_planning(checkpoint: str | Path | None) -> PlanningSpec:
     if path is None or not path.exists():
         return PlanningSpec()
     if path.is_dir():
-        return _planning_of(_training_info(path))
-    return _planning_of(read_checkpoint(path).get("hyper_parameters", {}))
+        return (read_training_info(path) or TrainingInfo()).planning_spec
+    return _checkpoint_planning(path)
+
+
+def _checkpoint_planning(path: Path) -> PlanningSpec:
+    """The planning settings a Lightning checkpoint's hyper-parameters record."""
+    return planning_spec(read_checkpoint(path).get("hyper_parameters", {}).get("planning"))
 
 
 def from_lightning_checkpoint(backbone: ModelSpec, saved: dict, source: str) -> TrainedModel:
     """A model from the contents of a `cli.py fit` checkpoint (already read), adapters merged."""
+    weights, extras = trained_weights(saved, source), read_extras(saved, source)
     hparams = saved.get("hyper_parameters", {})
-    if "state_dict" not in saved:
-        raise UserInputError(f"{source}: not a Lightning checkpoint of cli.py fit (no state_dict)")
     check_recorded_backbone(hparams.get("backbone"), backbone, source)
-    planning = _planning_of(hparams)
-    saved_tokens = saved.get("planning_tokens")
-    if saved_tokens is not None and saved_tokens != planning.key_tokens():
-        raise UserInputError(f"{source}: its planning tokens {sorted(saved_tokens)} differ from its settings")
-    weights = {key.removeprefix("model."): value for key, value in saved["state_dict"].items()}
+    planning = planning_spec(hparams.get("planning"))
+    if extras.planning_tokens is not None and extras.planning_tokens != planning.key_tokens():
+        raise UserInputError(f"{source}: its planning tokens {sorted(extras.planning_tokens)} differ from its settings")
     lora = LoraSpec(**(hparams.get("lora") or {}))
-    model = model_from_training_state(backbone, hparams.get("mode", "full"), lora, planning, weights, source)
+    mode = hparams.get("mode", "full")
+    model = trained_model(backbone, mode, lora, planning, weights, source, extras.base_fingerprint)
     tokenizer, _ = planning_tokenizer(backbone, planning)
     data = saved.get("datamodule_hyper_parameters", {})
     prompt = data.get("prompt")
@@ -98,44 +106,36 @@ def from_lightning_checkpoint(backbone: ModelSpec, saved: dict, source: str) -> 
     return TrainedModel(model, tokenizer, planning, prompt, data.get("task"), int(saved.get("global_step", 0)))
 
 
-def model_from_training_state(
-    backbone: ModelSpec, mode: str, lora: LoraSpec, planning: PlanningSpec, weights: dict, source: str
-) -> PreTrainedModel:
-    """The plain HF model trained in `mode` whose trainable weights (keys as in the training model, without the
-    LightningModule's `model.` prefix) are `weights`: adapters and planning-token rows merged. Lightning
-    checkpoints and the epoch exports both come through here."""
-    if mode != "full":
-        return rebuild_with_adapter(backbone, lora, weights, source, mode, planning).merge_and_unload()
-    tokenizer, new_tokens = planning_tokenizer(backbone, planning)
-    model = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
-    build_trainable_model(model, tokenizer, "full", lora, planning, set(new_tokens))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise UserInputError(f"{source} does not match model {backbone.name}: {_first_line(error)}") from None
-    return model
-
-
 def _from_folder(backbone: ModelSpec, path: Path) -> TrainedModel:
-    info = _training_info(path)
-    check_recorded_backbone(info.get("backbone"), backbone, f"checkpoint '{path}'")
-    planning = _planning_of(info)
+    source = f"checkpoint '{path}'"
+    info = read_training_info(path) or TrainingInfo()
+    check_recorded_backbone(info.backbone, backbone, source)
+    planning = info.planning_spec
     tokenizer = _folder_tokenizer(path, backbone) if _has_tokenizer(path) else planning_tokenizer(backbone, planning)[0]
     if (path / "adapter_config.json").is_file():
-        base = load_model(replace(backbone, quantization=None, gradient_checkpointing=False))
-        if base.get_input_embeddings().weight.shape[0] < len(tokenizer):  # the run added planning tokens
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        try:
-            model = PeftModel.from_pretrained(base, path).merge_and_unload()
-        except RuntimeError as error:  # shapes differ: another backbone
-            message = f"adapter '{path}' does not match model {backbone.name}: {_first_line(error)}"
-            raise UserInputError(message) from None
+        model = _merged_adapter_folder(backbone, path, info, len(tokenizer), source)
     elif (path / "config.json").is_file():
         model = load_model(replace(backbone, name=str(path)))
     else:
-        raise UserInputError(f"checkpoint '{path}' holds neither config.json nor adapter_config.json")
-    check_vocabulary(model, tokenizer, f"checkpoint '{path}'")
-    return TrainedModel(model, tokenizer, planning, info.get("prompt"), info.get("task"), info.get("global_step", 0))
+        raise UserInputError(f"{source} holds neither config.json nor adapter_config.json")
+    check_vocabulary(model, tokenizer, source)
+    return TrainedModel(model, tokenizer, planning, info.prompt, info.task, info.global_step or 0)
+
+
+def _merged_adapter_folder(
+    backbone: ModelSpec, path: Path, info: TrainingInfo, vocabulary: int, source: str
+) -> PreTrainedModel:
+    """The unquantised backbone (grown to `vocabulary` rows for the run's planning tokens) with the PEFT adapter
+    saved in `path` merged."""
+    base = load_model(plain_backbone(backbone))
+    check_fingerprint(info.base_fingerprint, base, backbone.name, source)
+    if base.get_input_embeddings().weight.shape[0] < vocabulary:  # the run added planning tokens
+        base.resize_token_embeddings(vocabulary, mean_resizing=False)
+    config = PeftConfig.from_pretrained(str(path))
+    model = adapter_model(base, config)
+    mode = info.mode or str(config.peft_type.value).lower()
+    load_weights(model, load_peft_weights(str(path), device="cpu"), source, backbone.name, mode, peft_format=True)
+    return model.merge_and_unload()
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
@@ -143,23 +143,6 @@ def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise UserInputError(f"{source}: its tokenizer has {len(tokenizer)} tokens but the model only {rows} rows")
-
-
-def _training_info(path: Path) -> dict:
-    file = path / "training_info.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise UserInputError(f"{file}: unreadable ({error})") from None
-
-
-def _planning_of(settings: dict) -> PlanningSpec:
-    planning = settings.get("planning") or {}
-    if not isinstance(planning, dict):  # a PlanningSpec object
-        return planning
-    return PlanningSpec(**{key: value for key, value in planning.items() if key != "tokens"})
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -174,8 +157,3 @@ def _folder_tokenizer(path: Path, backbone: ModelSpec) -> PreTrainedTokenizerBas
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__

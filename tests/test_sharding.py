@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from test_cli import REPO, run_dir, tiny_args
 
 from models.adapters import LoraSpec, build_trainable_model
+from models.fingerprint import fingerprint
 from models.loader import load_trained
 from models.loading import ModelSpec, load_model, load_tokenizer
+from models.training_info import read_training_info
 from models.vocabulary import add_tokens
 from tasks.planning import PlanningSpec
 
@@ -86,8 +88,13 @@ def test_fsdp_preset_fits_on_two_cpu_processes(tiny_llama, tmp_path):
     state = checkpoint["state_dict"]
     assert checkpoint["global_step"] == 1 and state and all("lora_" in k or "trainable_tokens" in k for k in state)
     assert {v.dtype for v in state.values()} == {torch.bfloat16}  # the preset trains in bf16-true
-    # the gathered export and the gathered checkpoint are the same model
+    # the gathered export and the gathered checkpoint are the same model: every weight, bit for bit (the export
+    # is the merge saved in the run's bf16)
     exported = load_file(run / "epoch_0/model.safetensors")
-    merged = load_trained(ModelSpec(name=str(tiny_llama)), str(run / "checkpoints/last.ckpt")).model.state_dict()
-    for key in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.down_proj.weight"):
-        torch.testing.assert_close(exported[key].float(), merged[key].float(), rtol=1e-2, atol=1e-2)
+    merged = load_trained(ModelSpec(name=str(tiny_llama)), str(run / "checkpoints/last.ckpt")).model
+    expected = {name: parameter.detach().to(torch.bfloat16) for name, parameter in merged.named_parameters()}
+    assert set(exported) == set(expected)
+    assert [key for key in expected if not torch.equal(exported[key], expected[key])] == []
+    # rank 0 recorded the base weights' fingerprint (loaded in bf16, before sharding): the plain float32 load's
+    recorded = read_training_info(run / "epoch_0").base_fingerprint
+    assert recorded == checkpoint["base_fingerprint"] == fingerprint(load_model(ModelSpec(name=str(tiny_llama))))
