@@ -1,5 +1,6 @@
 """What README command 1 teaches the model, arm by arm: the controlled experiment behind the planning-token
-defaults (issue 15) and the comparison with the plain chain-of-thought LoRA baseline at the same budget.
+defaults of `configs/presets/cpu_demo.yaml` and the comparison with the plain chain-of-thought LoRA baseline at
+the same budget.
 
 Every arm is `cli.py fit --config configs/planning_gsm8k.yaml --config configs/presets/cpu_demo.yaml` plus its
 overrides: same seed, same 128 training examples, same steps, same 8 validation questions, greedy decoding.

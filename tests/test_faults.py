@@ -1,4 +1,4 @@
-"""Faults that lost work or lied (issue 22, section 4), each on a tiny model: a checkpoint save that fails (a
+"""Faults that lost work or lied, each on a tiny model: a checkpoint save that fails (a
 real full disk on a small tmpfs, or an injected ENOSPC where mounting is not allowed), SIGTERM, `kill -9` during
 the epoch export, and a resume with a larger max_steps. Each ends in one line, leaves nothing partial, and resumes
 to the uninterrupted run's weights."""

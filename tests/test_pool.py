@@ -1,4 +1,4 @@
-"""Dynamics pools with the seed's type names: from `select` (high / low / rand_llh_train), from `predict`
+"""Dynamics pools with upstream's type names: from `select` (high / low / rand_llh_train), from `predict`
 outputs (student_answer_*) and from evaluations of the base model and checkpoints (id_<q>_<label>_<verdict>)."""
 
 from __future__ import annotations

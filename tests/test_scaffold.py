@@ -272,7 +272,7 @@ def script_command(script: Path, program: str) -> list[str]:
 
 
 def test_base_control_evaluates_the_untouched_model_with_the_runs_prompt(tiny_llama, tmp_path):
-    """The seed's base controls: the same data and prompt "for fair comparison", and the base model as it is (the
+    """Upstream's base controls: the same data and prompt "for fair comparison", and the base model as it is (the
     run's planning tokens are neither added to it nor appended to its prompt)."""
     runs = [{"name": "r", "configs": GSM8K_FIT, "overrides": [f"--model.init_args.backbone.name={tiny_llama}"]}]
     assert run_main(scaffold_args(tmp_path / "exp", runs)) == 0

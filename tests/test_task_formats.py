@@ -1,4 +1,4 @@
-"""Task formats of the seeds: MATH12K-style rows (gold answer from the last \\boxed{}), multiple-choice
+"""Task formats of the upstream code: MATH12K-style rows (gold answer from the last \\boxed{}), multiple-choice
 memory/reason tasks (CommonsenseQA A-E, TruthfulQA MC1 A-N) and their letter scoring."""
 
 from __future__ import annotations
