@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, error_lines, run_dir, run_main, tiny_args, trainable_state
 from peft import PeftModel
 from scipy.stats import binomtest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cli import build_cli, main
+from cli import build_cli
 from core.checkpoint_file import last_finite_checkpoint
 from core.errors import UserInputError
 from evaluation.generation import GenerationSpec, generate
@@ -25,49 +26,10 @@ from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.planning import PlanningSpec
 
-REPO = Path(__file__).resolve().parents[1]
 COMMAND_CONFIGS = {"calibrate.yaml"}  # settings of companion commands, tested with their command
 EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.name not in COMMAND_CONFIGS)
 PLANNING = PlanningSpec(method="arithmetic", n_prefix=3, n_special=2)  # configs/planning_gsm8k.yaml's
 PRESETS = sorted((REPO / "configs/presets").glob("*.yaml"))
-
-
-def tiny_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(REPO / "configs/planning_gsm8k.yaml"),
-        "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
-        "--model.init_args.backbone.name", str(model),
-        "--data.train_limit", "16", "--data.val_size", "4", "--data.eval_batch_size", "4",
-        "--data.max_length", "1024",
-        "--model.init_args.generation.max_new_tokens", "8",
-        # the paper's token counts and rate (the CPU preset trains one token per key at 1e-3 for the embedded model)
-        "--model.init_args.planning.n_prefix", "3", "--model.init_args.planning.n_special", "2",
-        "--model.init_args.optimizer.init_args.lr", "2e-4",
-        "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
-
-
-def run_main(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
-def error_lines(capsys) -> list[str]:
-    """The `error: ...` lines `cli.main` printed to stderr (beside the log lines)."""
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-
-
-def run_dir(save_dir: Path, version: int = 0) -> Path:
-    return save_dir / "planning_gsm8k" / f"version_{version}"
-
-
-def trainable_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("config", EXPERIMENT_CONFIGS, ids=lambda p: p.name)

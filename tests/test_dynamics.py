@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run_dir, run_main, tiny_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +22,6 @@ from core.errors import UserInputError
 from evaluation.likelihood import ScoringSpec, load_pool, score_pool
 from models.checkpoints import CheckpointModels, discover_checkpoints
 from models.loading import ModelSpec
-from tests.test_cli import REPO, run_dir, run_main, tiny_args
 
 POOL = [
     {"instruction": "Solve.", "input": "Tom has 3 apples, buys 4 more. How many?", "output": "3 + 4 = 7", "type": "a"},

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from test_cli import run_main, tiny_args
+from helpers import run_main, tiny_args
 from transformers import AutoModelForCausalLM
 
 from lightning_modules.finetune import CausalLMFineTuner

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, fake_commands, run_main
 from transformers import AutoTokenizer
 
 from cli import build_cli
 from commands.scaffold import RESOURCES_BY_SIZE, model_size, resources_for
 from tasks.prompts import PromptFormatter
-from tests.test_cli import REPO, run_main
-from tests.test_slurm import fake_commands
 
 GSM8K_FIT = [str(REPO / "configs/planning_gsm8k.yaml"), str(REPO / "configs/presets/cpu_demo.yaml")]
 GSM8K_DDP = [str(REPO / "configs/planning_gsm8k.yaml"), str(REPO / "configs/presets/gpu_ddp.yaml")]

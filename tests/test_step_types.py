@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import REPO, run_dir, run_main, tiny_args, trainable_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datamodules.reasoning as reasoning
@@ -18,7 +19,6 @@ from lightning_modules.finetune import CausalLMFineTuner
 from models.loading import ModelSpec, load_model
 from tasks.planning import PlanningSpec
 from tasks.step_types import StepTyper, StepVAE, embed_steps, vae_loss
-from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
 
 K = 3
 
