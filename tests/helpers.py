@@ -184,6 +184,18 @@ class PoisonWeightsAtStep(L.Callback):
                 parameter.fill_(float("nan"))
 
 
+class SaveTrainableWeights(L.Callback):
+    """At the end of training, every process saves its trainable parameters to `folder/rank<N>.pt`."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, module) -> None:
+        weights = {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+        os.makedirs(self.folder, exist_ok=True)
+        torch.save(weights, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
 class CrashAtStep(L.Callback):
     """Raises before training step `step`: a simulated crash (pre-emption, OOM, node failure)."""
 
