@@ -26,10 +26,10 @@ def test_slot_baseline_on_a_planning_run_equals_its_test(readme_main_job, tmp_pa
 
     info = json.loads((run / "epoch_0/training_info.json").read_text())
     run_cli("test", "--config", str(REPO / "configs/slot.yaml"), *questions,
-        "--model.init_args.checkpoint", str(run / "epoch_0"), "--model.init_args.arms", "[{iters: 0}]",
-        "--data.prompt.system_prompt", "null", "--data.prompt.style", info["prompt"]["style"],
-        "--data.answer_format", "gsm8k", "--trainer.logger.init_args.save_dir", str(tmp_path / "slot"),
-        "--trainer.enable_progress_bar", "false")  # fmt: skip
+            "--model.init_args.checkpoint", str(run / "epoch_0"), "--model.init_args.arms", "[{iters: 0}]",
+            "--data.prompt.system_prompt", "null", "--data.prompt.style", info["prompt"]["style"],
+            "--data.answer_format", "gsm8k", "--trainer.logger.init_args.save_dir", str(tmp_path / "slot"),
+            "--trainer.enable_progress_bar", "false")  # fmt: skip
     arms = next((tmp_path / "slot/slot").glob("version_*/samples/test_step32"))
     baseline = read_jsonl(arms / "log_times_0_lr_0.1.jsonl")
     assert len(baseline) == 3
