@@ -1,4 +1,4 @@
-"""`python cli.py select`: likelihood-based data selection (seed 001).
+"""`python cli.py select`: likelihood-based data selection (upstream code 001).
 
 Scores every candidate answer of every question under a model and keeps, per question, the answer with
 the highest log-likelihood, the lowest, and a seeded random one, as three training sets in the instruction

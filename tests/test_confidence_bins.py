@@ -1,4 +1,4 @@
-"""Seed 003's confidence-bin figure: majority-voted accuracy vs k from one `test` run per confidence bin."""
+"""Upstream code 003's confidence-bin figure: majority-voted accuracy vs k from one `test` run per confidence bin."""
 
 from __future__ import annotations
 
