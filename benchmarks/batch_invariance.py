@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from common import REPO, machine, timed
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import machine, timed  # noqa: E402
-
-from core.io import write_json_atomic  # noqa: E402
-from datamodules.reasoning import ReasoningDataModule  # noqa: E402
-from evaluation.generation import GenerationSpec  # noqa: E402
-from evaluation.pipeline import evaluate_batch  # noqa: E402
-from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from core.io import write_json_atomic
+from datamodules.reasoning import ReasoningDataModule
+from evaluation.generation import GenerationSpec
+from evaluation.pipeline import evaluate_batch
+from models.loading import ModelSpec, load_model, load_tokenizer
 
 
 def batches(datamodule: ReasoningDataModule, order: str) -> DataLoader:

@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, machine, timed
 
-from common import machine, timed  # noqa: E402
-
-from commands.traces import write_traces  # noqa: E402
-from core.io import write_json_atomic  # noqa: E402
-from core.tensors import pad_sequences  # noqa: E402
-from datamodules.batching import collate  # noqa: E402
-from evaluation.decoding import DecodingSpec  # noqa: E402
-from evaluation.generation import GenerationSpec, generate  # noqa: E402
-from evaluation.rank_log import RankLogSpec, RankRecorder  # noqa: E402
-from evaluation.teacher_forcing import teacher_forced_chunks  # noqa: E402
-from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from tasks.examples import TASKS, load_examples  # noqa: E402
-from tasks.prompts import PromptFormatter, PromptSpec  # noqa: E402
+from commands.traces import write_traces
+from core.io import write_json_atomic
+from core.tensors import pad_sequences
+from datamodules.batching import collate
+from evaluation.decoding import DecodingSpec
+from evaluation.generation import GenerationSpec, generate
+from evaluation.rank_log import RankLogSpec, RankRecorder
+from evaluation.teacher_forcing import teacher_forced_chunks
+from models.loading import ModelSpec, load_model, load_tokenizer
+from tasks.examples import TASKS, load_examples
+from tasks.prompts import PromptFormatter, PromptSpec
 
 ALL_KNOBS = DecodingSpec(
     temperature=1.0,

@@ -21,24 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from common import REPO, machine, timed
 from peft import LoraConfig, PeftModel, get_peft_model
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from commands.dynamics import dynamics  # noqa: E402
-from core.io import write_json_atomic  # noqa: E402
-from evaluation.likelihood import ScoringSpec, encode, load_pool  # noqa: E402
-from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from tasks.prompts import PromptFormatter  # noqa: E402
+from commands.dynamics import dynamics
+from core.io import write_json_atomic
+from evaluation.likelihood import ScoringSpec, encode, load_pool
+from models.loading import ModelSpec, load_model, load_tokenizer
+from tasks.prompts import PromptFormatter
 
 POOL = REPO / "data/dynamics/pool.json"
 
@@ -75,9 +70,9 @@ def make_run(folder: Path, spec: ModelSpec, checkpoints: int, every: int) -> lis
     return steps
 
 
-def upstream(spec: ModelSpec, steps, samples, scoring: ScoringSpec, device: str) -> tuple[float, list[list[dict]]]:
+def upstream(spec: ModelSpec, steps, samples, scoring: ScoringSpec, device: str) -> list[list[dict]]:
     """One sample at a time, logits over every position, a fresh model load per checkpoint."""
-    start, results = time.perf_counter(), []
+    results = []
     tokenizer = load_tokenizer(spec)
     formatter = PromptFormatter(tokenizer, scoring.prompt)
     sequences = [encode(formatter, s.question, s.output, scoring.score) for s in samples]
@@ -98,15 +93,7 @@ def upstream(spec: ModelSpec, steps, samples, scoring: ScoringSpec, device: str)
                              "entropy": float(entropy.double().mean()), "token_count": len(token)})  # fmt: skip
         results.append(rows)
         del model
-    return time.perf_counter() - start, results
-
-
-def ours(
-    folder: Path, pool: Path, spec: ModelSpec, scoring: ScoringSpec, device: str, output: Path
-) -> tuple[float, dict]:
-    start = time.perf_counter()
-    summary = dynamics(str(folder), str(pool), model=spec, scoring=scoring, output=str(output), device=device)
-    return time.perf_counter() - start, summary
+    return results
 
 
 def max_differences(reference: list[list[dict]], output: Path, names: list[str]) -> dict[str, float]:
@@ -171,7 +158,7 @@ def main() -> None:
     names = ["base_model", *(path.name for _, path in steps[1:])]
     scoring = ScoringSpec(chunk_tokens=args.chunk_tokens)
 
-    upstream_seconds, reference = upstream(spec, steps, pool, scoring, args.device)
+    upstream_seconds, reference = timed(upstream, spec, steps, pool, scoring, args.device)
     tokenizer, rows = load_tokenizer(spec), []
     vocab, formatter = len(tokenizer), PromptFormatter(tokenizer, scoring.prompt)
     encoded = [encode(formatter, s.question, s.output, "response") for s in pool]
@@ -180,14 +167,15 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         output = work / f"out-b{batch_size}"
         batched = ScoringSpec(batch_size=batch_size, chunk_tokens=args.chunk_tokens)
-        seconds, _ = ours(work / "run", pool_path, spec, batched, args.device, output)
+        seconds, _ = timed(dynamics, str(work / "run"), str(pool_path), model=spec, scoring=batched,
+                           output=str(output), device=args.device)  # fmt: skip
         largest = min(args.chunk_tokens, sum(scored[:batch_size])) * vocab * 4 / 2**20  # scored positions x vocab
         rows.append({"batch_size": batch_size, "seconds": seconds, "speedup": upstream_seconds / seconds,
                      "largest_fp32_logits_mb": largest,
                      "max_differences": max_differences(reference, output, names)})  # fmt: skip
 
     result = {
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "device": args.device},
+        "machine": machine() | {"device": args.device},
         "model": spec.name, "checkpoints": len(steps), "samples": len(pool), "chunk_tokens": args.chunk_tokens,
         "upstream_seconds": upstream_seconds, "ours": rows,
         "upstream_largest_fp32_logits_mb": max(lengths) * vocab * 4 / 2**20,  # every position x vocab

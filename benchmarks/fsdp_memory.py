@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -24,19 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import REPO, machine
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import machine  # noqa: E402
-
-from core.io import write_json_atomic  # noqa: E402
-from models.adapters import LoraSpec, build_trainable_model  # noqa: E402
-from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from models.sharding import shard_model  # noqa: E402
-from models.synthetic import bpe_tokenizer, save_random_model  # noqa: E402
-from models.vocabulary import add_tokens  # noqa: E402
-from tasks.planning import PlanningSpec  # noqa: E402
+from core.io import write_json_atomic
+from models.adapters import LoraSpec, build_trainable_model
+from models.loading import ModelSpec, load_model, load_tokenizer
+from models.sharding import shard_model
+from models.synthetic import bpe_tokenizer, save_random_model
+from models.vocabulary import add_tokens
+from tasks.planning import PlanningSpec
 
 PLANNING = PlanningSpec(method="arithmetic", n_prefix=3, n_special=2)
 

@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from pathlib import Path
 
 import yaml
+from common import REPO, machine, timed
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import machine, timed  # noqa: E402
-
-from core.io import write_json_atomic  # noqa: E402
-from core.tensors import pad_sequences  # noqa: E402
-from evaluation.decoding import DecodingSpec  # noqa: E402
-from evaluation.generation import GenerationSpec, VllmSettings, generate  # noqa: E402
-from evaluation.vllm_engine import close_engine, engine, generate_vllm  # noqa: E402
-from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from tasks.lm_eval_source import LmEvalSpec, build_requests, encode_context, load_task  # noqa: E402
+from core.io import write_json_atomic
+from core.tensors import pad_sequences
+from evaluation.decoding import DecodingSpec
+from evaluation.generation import GenerationSpec, VllmSettings, generate
+from evaluation.vllm_engine import close_engine, engine, generate_vllm
+from models.loading import ModelSpec, load_model, load_tokenizer
+from tasks.lm_eval_source import LmEvalSpec, build_requests, encode_context, load_task
 
 
 def hf_engine(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec, batch: int) -> None:
@@ -82,9 +76,7 @@ def main() -> None:
             decoding=DecodingSpec(temperature=1.0, min_p=0.1))),
         "greedy_test": (prompts[: args.greedy_questions], GenerationSpec(max_new_tokens=g, min_new_tokens=g)),
     }  # fmt: skip
-    start = time.perf_counter()
-    engine(model, tokenizer, settings)
-    vllm_start_s = time.perf_counter() - start
+    vllm_start_s, _ = timed(engine, model, tokenizer, settings)
     results = {"model": args.model, "dtype": args.dtype, "vllm_engine_start_s": vllm_start_s, "shapes": {}}
     print(f"vLLM engine start: {vllm_start_s:.1f}s\n{'shape':<14}{'engine':<8}{'tokens':>8}{'wall':>9}{'tok/s':>9}")
     for name, (chosen, generation) in shapes.items():

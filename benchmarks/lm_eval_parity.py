@@ -19,16 +19,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, machine, timed
 
-from common import machine  # noqa: E402
-
-from core.io import write_json_atomic  # noqa: E402
-from models.loading import resolve_model_path  # noqa: E402
+from core.io import write_json_atomic
+from models.loading import resolve_model_path
 
 TASK = "gsm8k_fewshot"
 
@@ -67,14 +63,10 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/lm_eval_parity.json"))
     args = parser.parse_args()
     os.chdir(REPO)  # the task's include path and data files are relative to the repository root
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as save_dir:
-        ours = our_run(args.model, args.questions, Path(save_dir))
-    ours_s = time.perf_counter() - start
+        ours_s, ours = timed(our_run, args.model, args.questions, Path(save_dir))
     indices = sorted(int(question_id.split("-")[1]) for question_id in ours)
-    start = time.perf_counter()
-    theirs = lm_eval_run(str(resolve_model_path(args.model)), indices)
-    lm_eval_s = time.perf_counter() - start
+    lm_eval_s, theirs = timed(lm_eval_run, str(resolve_model_path(args.model)), indices)
     rows = []
     for index in indices:
         row, sample = ours[f"test-{index}"], theirs[index]

@@ -1,5 +1,6 @@
 """What README command 1 teaches the model, arm by arm: the controlled experiment behind the planning-token
-defaults (issue 15) and the comparison with the plain chain-of-thought LoRA baseline at the same budget.
+defaults of `configs/presets/cpu_demo.yaml` and the comparison with the plain chain-of-thought LoRA baseline at
+the same budget.
 
 Every arm is `cli.py fit --config configs/planning_gsm8k.yaml --config configs/presets/cpu_demo.yaml` plus its
 overrides: same seed, same 128 training examples, same steps, same 8 validation questions, greedy decoding.
@@ -18,20 +19,16 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from itertools import groupby
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, machine, timed
+from transformers import AutoTokenizer
 
-from common import machine  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from core.checkpoint_file import read_checkpoint  # noqa: E402
-from core.io import write_json_atomic  # noqa: E402
-from models.loader import read_tokenizer  # noqa: E402
-from models.loading import ModelSpec  # noqa: E402
+from core.checkpoint_file import read_checkpoint
+from core.io import write_json_atomic
+from models.loader import read_tokenizer
+from models.loading import ModelSpec
 
 PLANNING = "--model.init_args.planning."
 LR = "--model.init_args.optimizer.init_args.lr"
@@ -94,9 +91,7 @@ def run_arm(name: str, overrides: list[str], root: Path, max_new_tokens: int, st
                "--model.init_args.generation.max_new_tokens", str(max_new_tokens)]  # fmt: skip
     if steps:
         command += ["--trainer.max_steps", str(steps)]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, result = timed(subprocess.run, command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"arm {name} failed:\n{result.stderr[-3000:]}")
     loss = LOSS_LINE.search(result.stdout)

@@ -13,26 +13,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import yaml
+from common import REPO, machine, timed
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import machine, timed  # noqa: E402
-
-from core.io import write_json_atomic  # noqa: E402
-from datamodules.batching import pad_sequences  # noqa: E402
-from evaluation.generation import GenerationSpec, generate  # noqa: E402
-from evaluation.slot import cache_copy, head_input_hook, optimise_deltas, prefill  # noqa: E402
-from models.head import OutputHead  # noqa: E402
-from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from tasks.examples import TASKS, load_examples  # noqa: E402
-from tasks.prompts import PromptFormatter, PromptSpec  # noqa: E402
-from tasks.scoring import get_answer_format  # noqa: E402
+from core.io import write_json_atomic
+from datamodules.batching import pad_sequences
+from evaluation.generation import GenerationSpec, generate
+from evaluation.slot import cache_copy, head_input_hook, optimise_deltas, prefill
+from models.head import OutputHead
+from models.loading import ModelSpec, load_model, load_tokenizer
+from tasks.examples import TASKS, load_examples
+from tasks.prompts import PromptFormatter, PromptSpec
+from tasks.scoring import get_answer_format
 
 SLOT_CONFIG = REPO / "configs/slot.yaml"  # the protocol's system prompt is read from the experiment config
 

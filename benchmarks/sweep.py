@@ -18,14 +18,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, machine, timed
 
-from benchmarks.common import machine  # noqa: E402
-from core.io import write_json_atomic  # noqa: E402
+from core.io import write_json_atomic
 
 CONFIGS = [
     *("--config", str(REPO / "configs/planning_gsm8k.yaml")),
@@ -35,11 +32,11 @@ CONFIGS = [
 
 def cli(*args: str) -> float:
     """Run `python cli.py ARGS` in a fresh process; its wall seconds."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO)
+    seconds, result = timed(subprocess.run, [sys.executable, str(REPO / "cli.py"), *args], capture_output=True,
+                            text=True, cwd=REPO)  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"cli.py {' '.join(args[:3])} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return seconds
 
 
 def read_rows(path: Path) -> dict[str, tuple[str, bool]]:

@@ -32,23 +32,23 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import REPO, machine  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from core.io import write_json_atomic  # noqa: E402
 from datamodules.batching import EpochSeededRandomSampler, collate  # noqa: E402
 from datamodules.reasoning import ReasoningDataModule  # noqa: E402
 from lightning_modules.finetune import CausalLMFineTuner  # noqa: E402
 from models.adapters import LoraSpec  # noqa: E402
 from models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
+RESULTS = REPO / "benchmarks" / "results" / "train_throughput.json"
 LR = 2e-4  # CausalLMFineTuner's default AdamW learning rate
 # PEFT's default LoraConfig dropout (0): with dropout, a packed row draws other masks than padded rows, so the
 # arms would train on different noise and their losses could not be compared.
@@ -384,7 +384,7 @@ def main() -> None:
     wall_vs_median = [a["real_tokens_per_s"] / a["median_step_real_tokens_per_s"] for a in arms.values()]
     results = {
         "settings": {key: value for key, value in vars(args).items() if key not in ("arm", "arm_output", "forwarded")},
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "load_average_1min_before_after": load},
+        "machine": machine() | {"load_average_1min_before_after": load},
         "matmul_peak_flops": max(peaks),
         "matmul_peak_flops_before_after": peaks,
         "flop_formula": FORMULA,
@@ -395,11 +395,7 @@ def main() -> None:
         "targets": targets(arms),
     }
     print_report(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(results, handle, indent=2)
-    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates it 0600
-    os.replace(handle.name, RESULTS)
+    write_json_atomic(RESULTS, results)
     print(f"\nwrote {RESULTS}")
 
 

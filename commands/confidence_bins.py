@@ -1,5 +1,5 @@
 """`python cli.py confidence_bins RUN ... --output_dir DIR`: majority-voted accuracy vs k for the confidence bins
-(seed 003's figure1.py).
+(upstream code 003's figure1.py).
 
 Each RUN is one `test` run with `generation.decoding.confidence_bin_only` = b (sampling only at steps whose top-1
 probability is in bin b, greedy elsewhere: configs/decoding/confidence_bin.yaml), usually ten, b = 1..10, on the

@@ -1,5 +1,5 @@
-"""Likelihood-dynamics pools with the seed's type names (seed 001), from selection, generation and evaluation
-outputs: a JSON list of {"instruction", "input", "output", "type"} that `dynamics` and the live
+"""Likelihood-dynamics pools with upstream's type names (the dynamics code, 001), from selection, generation and
+evaluation outputs: a JSON list of {"instruction", "input", "output", "type"} that `dynamics` and the live
 `LikelihoodDynamics` callback read.
 
 - `select --pool_questions N` (see `selection_pool`): `high_llh_train`, `low_llh_train`, `rand_llh_train1..R`;
@@ -30,7 +30,7 @@ def pool_entry(record: dict, output: str, type_name: str) -> dict:
 
 
 def selection_pool(kept: list[dict], questions: int, random_types: int, seed: int) -> list[dict]:
-    """The seed's selection types for `questions` of the selected questions (a seeded subset, all when more):
+    """Upstream's selection types for `questions` of the selected questions (a seeded subset, all when more):
     `high_llh_train` and `low_llh_train` (the answers train_high / train_low hold), `rand_llh_train1` (the answer
     train_rand holds) and `rand_llh_train2..R` (further seeded draws, without replacement, from the question's
     other finite-likelihood candidates, while there are any).
@@ -91,7 +91,7 @@ def pool(
     questions: int | None = None,
     seed: int = 0,
 ) -> dict:
-    """A dynamics pool with the seed's type names from generation and evaluation outputs (a JSON list).
+    """A dynamics pool with upstream's type names from generation and evaluation outputs (a JSON list).
 
     Args:
         output: the pool file to write (.json).
@@ -102,7 +102,7 @@ def pool(
         evaluations: label -> samples file (`test` samples/test_step<S>.jsonl or predictions.jsonl) of the base
             model (`base`) and of checkpoints (`cp<step>`): each question's first sample is
             `id_<q>_<label>_<correct|incorrect>`, q numbering the questions from 1 in order of first appearance.
-        instruction: the entries' instruction (the seed's by default); the question is the input.
+        instruction: the entries' instruction (upstream's by default); the question is the input.
         questions: keep only this many questions (a seeded subset of all questions the files hold).
         seed: seed of that subset.
     """

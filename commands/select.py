@@ -1,10 +1,10 @@
-"""`python cli.py select`: likelihood-based data selection (seed 001).
+"""`python cli.py select`: likelihood-based data selection (upstream code 001).
 
 Scores every candidate answer of every question under a model and keeps, per question, the answer with
 the highest log-likelihood, the lowest, and a seeded random one, as three training sets in the instruction
 format {"instruction", "input", "output"} (`train_high.jsonl`, `train_low.jsonl`, `train_rand.jsonl`),
 plus `scores.jsonl` (every candidate's metrics) and `selection.json` (settings and counts); with
-`pool_questions`, also `pool.json`, a dynamics pool with the seed's types (`commands/pool.py`).
+`pool_questions`, also `pool.json`, a dynamics pool with upstream's types (`commands/pool.py`).
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ def select(
         model: the scoring model (default: the embedded smollm2-135m-instruct).
         checkpoint: score with a fine-tuned checkpoint of `model` (an epoch_N export or a Lightning .ckpt).
         output_dir: where train_high/low/rand.jsonl, scores.jsonl and selection.json go.
-        instruction: the instruction of `predict` rows' training records (the seed's by default).
+        instruction: the instruction of `predict` rows' training records (upstream's by default).
         scoring: prompt format (recorded in selection.json), batch size, head chunk size.
         seed: seed of the random choice.
         device: cpu, cuda, or auto (cuda when available).
         pool_questions: also write pool.json, a likelihood-dynamics pool of this many selected questions (a seeded
-            subset; 0 = none) with the seed's types: high_llh_train, low_llh_train (the answers train_high /
+            subset; 0 = none) with upstream's types: high_llh_train, low_llh_train (the answers train_high /
             train_low hold), rand_llh_train1 (train_rand's) and rand_llh_train2..`pool_random` (further seeded
             draws from the question's other finite-likelihood candidates, while there are any).
         pool_random: how many rand_llh_train<i> types (at least 1).

@@ -47,7 +47,7 @@ class SlotArm:
 
     @property
     def name(self) -> str:
-        """The seed's naming: log_times_<iters>_lr_<lr>."""
+        """Upstream's naming: log_times_<iters>_lr_<lr>."""
         return f"log_times_{self.iters}_lr_{self.lr:g}"
 
 

@@ -1,1 +1,2 @@
-"""Model loading, generation and the LightningModules (fine-tuning, and the methods built on it)."""
+"""Layer 3, the LightningModules (fine-tuning; SLOT's evaluation arms), their LR schedule and the FSDP2
+strategy. Imports `core`, `tasks`, `models` and `evaluation`; never `datamodules` or `callbacks`."""

@@ -43,10 +43,11 @@ class SLOTEvaluator(LightningModule):
 
     Args:
         backbone: the base model (alias, folder, GGUF file or hub id) and how to load it.
-        checkpoint: a fine-tuned model to evaluate instead: an `epoch_N/` export or a Lightning
-            checkpoint of `cli.py fit` on `backbone`. None = `backbone` itself.
+        checkpoint: a fine-tuned model of `cli.py fit` on `backbone` to evaluate instead, any kind
+            `models/loader.py` accepts: an `epoch_N/` export, an HF `checkpoint-N/` folder (full weights or a
+            PEFT adapter) or a Lightning `.ckpt`. None = `backbone` itself.
         arms: the settings compared; each writes `log_times_<iters>_lr_<lr>.jsonl`.
-        generation: decoding after the optimisation (the seed: greedy, 512 new tokens); engine hf only.
+        generation: decoding after the optimisation (upstream's: greedy, 512 new tokens); engine hf only.
         format_pattern: a completion (as decoded) that this regex matches from its start (`re.match`, DOTALL)
             counts as well formatted (`format_accuracy`); the default is the reference's check. The stripped
             completion fully matching `R1_FORMAT_LENIENT` is reported too (`format_accuracy_lenient`).

@@ -1,7 +1,9 @@
 """Model loading, in one place: aliases, GGUF files, local folders and hub ids -> model + tokenizer.
 
-Every module of the project (fine-tuning, SLOT, decoding, dynamics, exports) loads through
-`load_model` / `load_tokenizer`, so a model is never built two different ways.
+Every pretrained model the project builds (fine-tuning, SLOT, decoding, dynamics, and an export folder reloaded by
+`models/loader.py`) goes through `load_model`, so dtype, attention kernel and quantization are decided here once.
+Tokenizers come from `load_tokenizer`, except an export folder's own tokenizer, which `models/loader.py` reads.
+Random-weight models for tests and the GPU check are built by `models/synthetic.py`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Rank 0 builds the model for real (weights read from disk, planning rows initialised, adapters added); every other
 rank builds the same model with its parameters on the meta device (no memory). Each decoder layer, then the whole
-model, is sharded over the device mesh with `fully_shard`, and rank 0's weights are broadcast into the shards
-(`set_model_state_dict(broadcast_from_rank0=True)`): only rank 0 ever holds the full model, and after sharding each
-rank holds 1/N of it.
+model, is sharded over the device mesh with `fully_shard`; then, one parameter at a time, rank 0's full tensor is
+scattered into the shards (`distribute_tensor(..., src_data_rank=0)`) and the buffers (rotary frequencies and the
+like, not sharded) are broadcast from rank 0 (`dist.broadcast`). Only rank 0 ever holds the full model, and after
+sharding each rank holds 1/N of it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One prepared device check: the project's GPU paths, each item timed, with its peak GPU memory, in one JSON report.
 
     python scripts/gpu_check.py                 # on a CUDA machine: under 8 minutes on one H100 / H200
-    python scripts/gpu_check.py --dry-run       # the same items on the CPU with tiny shapes (CI runs this)
+    python scripts/gpu_check.py --dry-run       # the same items on the CPU with tiny shapes (CI runs this; the
+                                                # *_matches_cpu items then compare the CPU with itself)
     python scripts/gpu_check.py --only slot_bf16 greedy_fp32_matches_cpu
 
 Report: benchmarks/results/gpu_check.json (`--output`), and a table printed last. Each item runs in its own
@@ -127,6 +128,11 @@ def device(ctx: Context) -> str:
     return "cpu" if ctx.dry else "cuda"
 
 
+def compared(ctx: Context) -> str:
+    """What a *_matches_cpu item compared, for its report: in the dry run, the CPU with itself."""
+    return "cpu with cpu (dry run: the comparison runs, no device is checked)" if ctx.dry else "cuda with cpu"
+
+
 def lora_planning_bf16(ctx: Context) -> dict:
     """LoRA + planning tokens (the main config), bf16-true, a few dozen steps, epoch_0 export reloaded."""
     steps = ctx.n(40, 3)
@@ -217,7 +223,7 @@ def slot_fp32_matches_cpu(ctx: Context) -> dict:
             worst = max(worst, *(abs(a - b) for a, b in zip(here["slot_loss"], there["slot_loss"], strict=True)))
     if worst > 1e-4:
         raise AssertionError(f"SLOT losses differ by {worst:.2e} between the device and the CPU")
-    return {"arms": list(cpu_rows), "max_loss_difference": worst}
+    return {"compared": compared(ctx), "arms": list(cpu_rows), "max_loss_difference": worst}
 
 
 def greedy_fp32_matches_cpu(ctx: Context) -> dict:
@@ -247,7 +253,7 @@ def greedy_fp32_matches_cpu(ctx: Context) -> dict:
         texts.append([json.loads(line)["completion"] for line in samples.open()])
     if texts[0] != texts[1]:
         raise AssertionError(f"greedy completions differ: device {texts[0]} vs CPU {texts[1]}")
-    return {"questions": len(texts[0])}
+    return {"compared": compared(ctx), "questions": len(texts[0])}
 
 
 def decoding_repeats(ctx: Context) -> dict:

@@ -6,28 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-
-from models.synthetic import bpe_tokenizer, random_model, save_random_model
+from helpers import REPO, build_tiny_tokenizer, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab 512) trained on GSM8K text, with a ChatML chat template."""
-    return bpe_tokenizer(REPO / "data/gsm8k/train.jsonl")
-
-
-def build_tiny_model(kind: str, vocab_size: int, **overrides):
-    """A 2-layer random-weight Llama, Qwen2 or Gemma2 (hidden 64) from a config, seeded."""
-    return random_model(kind, vocab_size, **overrides)
-
-
-def save_tiny(folder: Path, kind: str, **overrides) -> Path:
-    return save_random_model(folder, kind, build_tiny_tokenizer(), **overrides)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import REPO, synthetic_traces, tiny_args, write_jsonl
 
 from cli import main
 from commands import calibrate as calibrate_command
@@ -25,27 +26,11 @@ from datamodules.reasoning import ReasoningDataModule
 from tasks.examples import TASKS, load_examples
 from tasks.prompts import PromptFormatter, PromptSpec
 from tasks.scoring import extract_gsm8k, extract_math, math_equivalent, numbers_equivalent, score_completion
-from tests.test_decoding_study import synthetic_traces
 
-REPO = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = REPO / "data/gsm8k/train.jsonl"
 ONE_STEP = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--export.enabled", "false")
 TRUNCATED = "unreadable (truncated or corrupt?"
 PICKLED = "not a plain-weights checkpoint (refused:"
-
-
-def tiny_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(REPO / "configs/planning_gsm8k.yaml"),
-        "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
-        "--model.init_args.backbone.name", str(model),
-        "--data.train_limit", "8", "--data.val_size", "4", "--data.eval_batch_size", "4",
-        "--data.max_length", "1024",
-        "--model.init_args.generation.max_new_tokens", "4",
-        "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
 
 
 def slot_args(model: Path, save_dir: Path, checkpoint: Path) -> list[str]:
@@ -376,12 +361,6 @@ def evaluation_rows(correct: list[bool]) -> list[dict]:
         {"id": f"q{i}", "correct": c, "samples_correct": [c, True], "metrics": {"maj@2": float(c), "pass@2": 1.0}}
         for i, c in enumerate(correct)
     ]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.mark.parametrize(

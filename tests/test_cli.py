@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from helpers import REPO, error_lines, read_jsonl, run_dir, run_main, tiny_args, trainable_state
 from peft import PeftModel
 from scipy.stats import binomtest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cli import build_cli, main
+from cli import build_cli
 from core.checkpoint_file import last_finite_checkpoint
 from core.errors import UserInputError
 from evaluation.generation import GenerationSpec, generate
@@ -25,49 +27,10 @@ from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.planning import PlanningSpec
 
-REPO = Path(__file__).resolve().parents[1]
 COMMAND_CONFIGS = {"calibrate.yaml"}  # settings of companion commands, tested with their command
 EXPERIMENT_CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.name not in COMMAND_CONFIGS)
 PLANNING = PlanningSpec(method="arithmetic", n_prefix=3, n_special=2)  # configs/planning_gsm8k.yaml's
 PRESETS = sorted((REPO / "configs/presets").glob("*.yaml"))
-
-
-def tiny_args(model: Path, save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(REPO / "configs/planning_gsm8k.yaml"),
-        "--config", str(REPO / "configs/presets/cpu_demo.yaml"),
-        "--model.init_args.backbone.name", str(model),
-        "--data.train_limit", "16", "--data.val_size", "4", "--data.eval_batch_size", "4",
-        "--data.max_length", "1024",
-        "--model.init_args.generation.max_new_tokens", "8",
-        # the paper's token counts and rate (the CPU preset trains one token per key at 1e-3 for the embedded model)
-        "--model.init_args.planning.n_prefix", "3", "--model.init_args.planning.n_special", "2",
-        "--model.init_args.optimizer.init_args.lr", "2e-4",
-        "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
-
-
-def run_main(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
-def error_lines(capsys) -> list[str]:
-    """The `error: ...` lines `cli.main` printed to stderr (beside the log lines)."""
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-
-
-def run_dir(save_dir: Path, version: int = 0) -> Path:
-    return save_dir / "planning_gsm8k" / f"version_{version}"
-
-
-def trainable_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("config", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
@@ -78,19 +41,52 @@ def test_every_experiment_config_instantiates(config, tiny_llama, tmp_path):
     assert cli.trainer.logger.name == config.stem  # every experiment logs under its own name
 
 
+DDP = {"class_path": "lightning.pytorch.strategies.DDPStrategy", "find_unused_parameters": False}
+FSDP = {"class_path": "lightning_modules.strategies.FullyShardedStrategy"}
+PRESET_SETTINGS = {  # what each preset sets over configs/planning_gsm8k.yaml (read from the files by hand)
+    "cpu_demo.yaml": dict(accelerator="cpu", devices=1, precision="32-true", strategy="auto",
+                          mode="lora+prompt-tuning", quantization=None, dtype="float32", gradient_checkpointing=False),
+    "gpu_ddp.yaml": dict(accelerator="gpu", devices=-1, precision="bf16-mixed", strategy=DDP,
+                         mode="lora+prompt-tuning", quantization=None, dtype="float32", gradient_checkpointing=False),
+    "gpu_fsdp.yaml": dict(accelerator="gpu", devices=-1, precision="bf16-true", strategy=FSDP,
+                          mode="lora+prompt-tuning", quantization=None, dtype="bfloat16", gradient_checkpointing=False),
+    "qlora.yaml": dict(accelerator="gpu", devices=1, precision="bf16-mixed", strategy="auto",
+                       mode="qlora+prompt-tuning", quantization="nf4", dtype="bfloat16", gradient_checkpointing=True),
+}  # fmt: skip
+
+
+def preset_settings(config: dict) -> dict:
+    """The settings a preset may change, from a parsed (`--print_config`) config."""
+    trainer, model, backbone = config["trainer"], config["model"]["init_args"], config["model"]["init_args"]["backbone"]
+    strategy = trainer["strategy"]
+    if isinstance(strategy, dict):  # a class: its path and the arguments a preset sets
+        arguments = strategy.get("init_args", {})
+        strategy = {"class_path": strategy["class_path"]} | {key: arguments[key] for key in DDP if key in arguments}
+    return dict(accelerator=trainer["accelerator"], devices=trainer["devices"], precision=trainer["precision"],
+                strategy=strategy, mode=model["mode"], quantization=backbone["quantization"], dtype=backbone["dtype"],
+                gradient_checkpointing=backbone["gradient_checkpointing"])  # fmt: skip
+
+
+def test_every_preset_is_in_the_table():
+    assert {path.name for path in PRESETS} == set(PRESET_SETTINGS)
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
-def test_every_preset_stacks_and_instantiates(preset, tiny_llama, tmp_path):
+def test_every_preset_stacks_sets_what_it_says_and_instantiates(preset, tiny_llama, tmp_path, capsys):
     args = ["--config", str(REPO / "configs/planning_gsm8k.yaml"), "--config", str(preset),
             "--model.init_args.backbone.name", str(tiny_llama),
             "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:  # every key and class of the stack validates
         build_cli(["fit", *args, "--print_config"])
     assert exit_.value.code == 0
-    if not torch.cuda.is_available():  # GPU presets then instantiate with CPU settings
+    assert preset_settings(yaml.safe_load(capsys.readouterr().out)) == PRESET_SETTINGS[preset.name]
+    if not torch.cuda.is_available():  # GPU presets then instantiate with CPU trainer settings
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
                  "--trainer.strategy", "auto"]  # fmt: skip
     cli = build_cli(args, run=False)
-    assert cli.model.mode in ("lora+prompt-tuning", "qlora+prompt-tuning")
+    expected = PRESET_SETTINGS[preset.name]
+    assert cli.model.mode == expected["mode"]
+    assert (cli.model.backbone.quantization, cli.model.backbone.dtype) == (expected["quantization"], expected["dtype"])
 
 
 def test_print_config_works_for_the_main_config(capsys):
@@ -288,17 +284,30 @@ def test_a_learning_rate_that_blows_up_the_weights_stops_before_they_are_saved(t
 
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_llama, tmp_path):
+    """2 processes train the same weights (each saves its own), the checkpoint holds them, and the validation
+    accuracy logged is the one of the 4 questions (each once) in the samples file."""
     dynamics = '{"class_path": "callbacks.dynamics.LikelihoodDynamics", "init_args": {"types": ["test"]}}'
+    weights = json.dumps({"class_path": "helpers.SaveTrainableWeights", "init_args": {"folder": str(tmp_path / "w")}})
     args = tiny_args(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                     f"--trainer.callbacks+={dynamics}")  # fmt: skip
+                     f"--trainer.callbacks+={dynamics}", f"--trainer.callbacks+={weights}")  # fmt: skip
+    environment = os.environ | {"PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}  # the callback above by class_path
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=600)  # fmt: skip
+                            cwd=REPO, timeout=600, env=environment)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir(tmp_path)
     assert (run / "checkpoints/last.ckpt").is_file() and (run / "epoch_0/model.safetensors").is_file()
     state = trainable_state(run / "checkpoints/last.ckpt")
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2  # 16 examples / (2 x 4)
-    assert state
+    rank0, rank1 = (torch.load(tmp_path / "w" / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0.keys() == rank1.keys() and state.keys() <= rank0.keys() and state
+    for key in rank0:
+        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0)
+    for key in state:
+        torch.testing.assert_close(state[key], rank0[key], rtol=0, atol=0)
+    rows = read_jsonl(run / "samples/val_step2.jsonl")
+    assert sorted(row["id"] for row in rows) == sorted({row["id"] for row in rows}) and len(rows) == 4
+    (accuracy,) = EventAccumulator(str(run)).Reload().Scalars("val/accuracy")  # the one validation, at the end
+    assert accuracy.value == pytest.approx(sum(row["correct"] for row in rows) / 4)
     summary = json.loads((run / "dynamics/summary.json").read_text())  # rank 0 scored the pool, once per step
     assert summary["steps"] == [0, 2] and list(summary["results_by_type"]) == ["test"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run_dir, run_main, tiny_args
+from helpers import run_dir, run_main, tiny_args
 
 import evaluation.pipeline as pipeline
 from commands.traces import traces

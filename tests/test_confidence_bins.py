@@ -1,4 +1,4 @@
-"""Seed 003's confidence-bin figure: majority-voted accuracy vs k from one `test` run per confidence bin."""
+"""Upstream code 003's confidence-bin figure: majority-voted accuracy vs k from one `test` run per confidence bin."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_main
 
 from commands.confidence_bins import confidence_bins
 from core.errors import UserInputError
-from tests.test_cli import run_main
 
 # Three samples of one question (gold 7): extracted answers, their correctness, and maj@1..3 worked out by hand
 # (samples without an answer do not vote; a tie goes to the answer seen first).

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REPO
 
 import evaluation.pipeline
 from cli import build_cli
 from evaluation.pipeline import evaluate_batch
 from tasks.lm_eval_source import LmEvalScorer, build_requests, load_task
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs/decoding_gsm8k.yaml"
 GREEDY = REPO / "configs/decoding/greedy.yaml"
 # Upstream's prompt, written from its YAML: lm-eval's first_n sampler takes the first 5 of its 8 listed exemplars,

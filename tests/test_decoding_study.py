@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from itertools import combinations
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO, read_jsonl, run_main, synthetic_traces
 from scipy.stats import binomtest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,17 +23,9 @@ from evaluation.rank_log import RankLogSpec, RankRecorder
 from evaluation.sampling_metrics import majority_vote, pass_at_k, question_metrics
 from tasks.examples import TASKS, load_examples
 from tasks.prompts import PromptFormatter, PromptSpec
-from tests.test_cli import run_main
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs/decoding_gsm8k.yaml"
 STRATEGIES = sorted((REPO / "configs/decoding").glob("*.yaml"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as file:
-        return [json.loads(line) for line in file]
 
 
 # ------------------------------------------------------------------------------------------- maj@k / pass@k
@@ -234,25 +226,6 @@ def test_traces_match_a_direct_computation(tiny_llama, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- calibration
-def synthetic_traces(path: Path, a: float, b: float, per_bin: int = 20000, ranks: int = 4) -> dict:
-    """Positions whose gold sits at rank r with probability exactly 10^a * p_r^b (p_r: that rank's prob)."""
-    rng = np.random.default_rng(0)
-    lines, expected = [], {"acc": np.zeros((10, ranks)), "mu": np.zeros((10, ranks))}
-    for bin_ in range(10):
-        top1 = 0.05 + 0.1 * bin_
-        probs = top1 * 0.5 ** np.arange(ranks)
-        hits = np.round(per_bin * 10**a * probs**b).astype(int)
-        gold = np.concatenate([np.full(h, r + 1) for r, h in enumerate(hits)] + [np.zeros(per_bin - hits.sum())])
-        rng.shuffle(gold)
-        expected["acc"][bin_], expected["mu"][bin_] = hits / per_bin, probs
-        ids = list(range(100, 100 + ranks))
-        for g in gold.astype(int):
-            gt = ids[g - 1] if g else 7
-            lines.append({"gt": gt, "top_ids": ids, "top_probs": [f"{p:.8f}" for p in probs]})
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return expected
-
-
 def test_calibration_recovers_a_known_power_law(tmp_path):
     traces = tmp_path / "traces.jsonl"
     expected = synthetic_traces(traces, a=-0.3, b=1.2)

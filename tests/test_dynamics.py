@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run_dir, run_main, tiny_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +22,6 @@ from core.errors import UserInputError
 from evaluation.likelihood import ScoringSpec, load_pool, score_pool
 from models.checkpoints import CheckpointModels, discover_checkpoints
 from models.loading import ModelSpec
-from tests.test_cli import REPO, run_dir, run_main, tiny_args
 
 POOL = [
     {"instruction": "Solve.", "input": "Tom has 3 apples, buys 4 more. How many?", "output": "3 + 4 = 7", "type": "a"},
@@ -288,7 +288,7 @@ def test_generated_solutions_feed_the_selection(tiny_llama, tmp_path):
 
 def test_one_checkpoint_equals_its_entry_in_the_all_checkpoints_output(hf_run, tiny_llama, pool, tmp_path, capsys):
     """`dynamics --checkpoint` scores one checkpoint (no base model unless asked) into one file, with the same
-    numbers the whole-run command gives it; any model folder will do (seed 001's calculate_llh.py)."""
+    numbers the whole-run command gives it; any model folder will do (upstream code 001's calculate_llh.py)."""
     spec = ModelSpec(name=str(tiny_llama))
     full = dynamics(str(hf_run), str(pool), model=spec, output=str(tmp_path / "all"))
     for name in ("checkpoint-6", "epoch_1"):  # a LoRA adapter swapped into the base, and a full export

@@ -7,16 +7,15 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import REPO, run_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.loader import read_planning
 
-REPO = Path(__file__).resolve().parents[1]
 MIN_LAYOUT = 4  # of the 8 validation completions (5 measured here; one of margin for another CPU's rounding)
 MAX_REPEAT = 8  # tokens
 
@@ -64,7 +63,6 @@ def test_readme_main_job_on_the_embedded_model(readme_main_job):
 def test_selection_training_and_dynamics_on_the_embedded_model(tmp_path):
     """select -> fit train_high.yaml with the live dynamics callback -> offline `dynamics` of the run."""
     from commands.dynamics import dynamics
-    from tests.test_cli import run_main
 
     questions = [("What is 12 + 30?", "12 + 30 = 42. The answer is \\boxed{42}."),
                  ("What is 6 * 7?", "6 * 7 = 42, so the answer is \\boxed{42}.")]  # fmt: skip

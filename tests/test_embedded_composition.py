@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, read_jsonl, run_cli
 
 from models.loader import read_planning
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO,
-                            timeout=1200)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -36,15 +21,15 @@ def test_slot_baseline_on_a_planning_run_equals_its_test(readme_main_job, tmp_pa
                   "--trainer.enable_progress_bar", "false"]  # fmt: skip
     questions = ["--data.test_limit", "3", "--data.eval_batch_size", "3", "--model.init_args.generation.max_new_tokens",
                  "40"]  # fmt: skip
-    cli("test", *run_config, *questions, "--ckpt_path", "last")
+    run_cli("test", *run_config, *questions, "--ckpt_path", "last")
     tested = {row["id"]: row for row in read_jsonl(run / "samples/test_step32.jsonl")}
 
     info = json.loads((run / "epoch_0/training_info.json").read_text())
-    cli("test", "--config", str(REPO / "configs/slot.yaml"), *questions,
-        "--model.init_args.checkpoint", str(run / "epoch_0"), "--model.init_args.arms", "[{iters: 0}]",
-        "--data.prompt.system_prompt", "null", "--data.prompt.style", info["prompt"]["style"],
-        "--data.answer_format", "gsm8k", "--trainer.logger.init_args.save_dir", str(tmp_path / "slot"),
-        "--trainer.enable_progress_bar", "false")  # fmt: skip
+    run_cli("test", "--config", str(REPO / "configs/slot.yaml"), *questions,
+            "--model.init_args.checkpoint", str(run / "epoch_0"), "--model.init_args.arms", "[{iters: 0}]",
+            "--data.prompt.system_prompt", "null", "--data.prompt.style", info["prompt"]["style"],
+            "--data.answer_format", "gsm8k", "--trainer.logger.init_args.save_dir", str(tmp_path / "slot"),
+            "--trainer.enable_progress_bar", "false")  # fmt: skip
     arms = next((tmp_path / "slot/slot").glob("version_*/samples/test_step32"))
     baseline = read_jsonl(arms / "log_times_0_lr_0.1.jsonl")
     assert len(baseline) == 3

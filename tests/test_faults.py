@@ -1,4 +1,4 @@
-"""Faults that lost work or lied (issue 22, section 4), each on a tiny model: a checkpoint save that fails (a
+"""Faults that lost work or lied, each on a tiny model: a checkpoint save that fails (a
 real full disk on a small tmpfs, or an injected ENOSPC where mounting is not allowed), SIGTERM, `kill -9` during
 the epoch export, and a resume with a larger max_steps. Each ends in one line, leaves nothing partial, and resumes
 to the uninterrupted run's weights."""
@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.fabric.plugins.io.torch_io as torch_io
 import pytest
 import torch
+from helpers import REPO, assert_same_final_weights, run_dir, run_main, tiny_args, trainable_state
 from safetensors.torch import load_file
 
 from callbacks.checkpoints import AtomicCheckpointIO
@@ -25,8 +26,6 @@ from core.errors import NotSaved, UserInputError
 from core.io import remove_partial
 from core.run_directory import newest_checkpoint
 from lightning_modules.schedules import WarmupCosineLR, refit_total_steps
-from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
-from tests.test_slurm import assert_same_final_weights
 
 TWO_EPOCHS = ("--trainer.max_epochs", "2")  # 16 examples in batches of 4: steps 0-3, then 4-7
 FIXED_SCHEDULE = ("--model.init_args.scheduler.init_args.total_steps", "100")  # the same rates whatever max_steps

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
+from helpers import build_tiny_model
 from peft import LoraConfig, get_peft_model
 
 from lightning_modules.finetune import CausalLMFineTuner
 from models.gated_mlp import gated_mlp_forward, use_lean_gated_mlps
 from models.loading import ModelSpec
-from tests.conftest import build_tiny_model
 
 VOCAB = 512
 BATCH, LENGTH = 2, 24

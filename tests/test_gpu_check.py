@@ -6,12 +6,11 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts/gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
 spec.loader.exec_module(gpu_check)
@@ -58,6 +57,8 @@ def test_dry_run_reports_every_item(tmp_path):
     assert items["vllm_engine"]["status"] == "skipped" and vllm_reason in items["vllm_engine"]["reason"]
     assert items["liger_fused_loss"]["status"] == "skipped"
     assert items["greedy_fp32_matches_cpu"]["status"] == "pass" and items["fsdp_one_gpu"]["status"] == "pass"
+    for name in ("slot_fp32_matches_cpu", "greedy_fp32_matches_cpu"):  # the report says what a dry run compared
+        assert items[name]["details"]["compared"].startswith("cpu with cpu (dry run"), items[name]
     assert items["qlora_nf4"]["status"] == "pass" or "bitsandbytes" in items["qlora_nf4"]["reason"]
     assert items["likelihood_dynamics"]["details"]["steps"][0] == 0  # the base model, then the run's checkpoints
     assert set(items["generation_throughput"]["details"]) == {f"tokens_per_s_batch{b}" for b in (1, 8, 64)}

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from helpers import build_tiny_model
 from transformers import AutoTokenizer
 
 from core.errors import UserInputError
 from evaluation.likelihood import PoolSample, ScoringSpec, build_summary, load_pool, score_pool
 from models.loading import ModelSpec, resolve_model_path
 from tasks.prompts import PromptFormatter, PromptSpec
-from tests.conftest import build_tiny_model
 
 POOL = [
     {"instruction": "Solve.", "input": "Tom has 3 apples, buys 4 more. How many?", "output": "3 + 4 = 7", "type": "a"},

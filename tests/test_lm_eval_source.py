@@ -8,6 +8,7 @@ from pathlib import Path
 import lm_eval
 import pytest
 import yaml
+from helpers import REPO
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
@@ -18,7 +19,6 @@ from tasks.lm_eval_source import LmEvalSpec
 from tasks.prompts import PromptSpec
 from tasks.scoring import score_completion
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs/lm_eval/gsm8k_fewshot.yaml"
 LM_EVAL_GSM8K = Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml"
 # Hand-written completions of the first 8 bundled GSM8K test questions (gold 18, 3, 70000, 540, 20, 64, 260, 160):

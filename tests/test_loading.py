@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from core.errors import UserInputError
+from models import loading
 from models.loading import ALIASES, ModelSpec, load_model, load_tokenizer, resolve_model_path
 
 
@@ -46,17 +49,39 @@ def test_quantization_without_cuda_is_a_clear_error(tiny_llama):
         load_model(ModelSpec(name=str(tiny_llama), quantization="nf4"))
 
 
-def test_remote_code_is_off_by_default():
-    assert ModelSpec().trust_remote_code is False
+def test_remote_code_is_off_unless_asked(tiny_llama, monkeypatch):
+    """What `load_model` / `load_tokenizer` pass to transformers: trust_remote_code=False by default, True only
+    when the spec asks (transformers would otherwise ask on stdin or run the hub's code)."""
+    passed = []
+
+    def spy(original):
+        def from_pretrained(*args, **kwargs):
+            passed.append((original.__self__.__name__, kwargs["trust_remote_code"]))
+            return original(*args, **kwargs)
+
+        return from_pretrained
+
+    for auto in (loading.AutoModelForCausalLM, loading.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", spy(auto.from_pretrained))
+    load_model(ModelSpec(name=str(tiny_llama)))
+    load_tokenizer(ModelSpec(name=str(tiny_llama)))
+    load_model(ModelSpec(name=str(tiny_llama), trust_remote_code=True))
+    assert passed == [("AutoModelForCausalLM", False), ("AutoTokenizer", False), ("AutoModelForCausalLM", True)]
 
 
 @pytest.mark.slow
-def test_embedded_alias_resolves_to_a_cached_safetensors_folder():
-    folder = resolve_model_path("smollm2-135m-instruct")
-    assert resolve_model_path("smollm2-135m-instruct") == folder  # converted once, then cached
-    from pathlib import Path
-
-    files = {path.name for path in Path(folder).iterdir()}
+def test_embedded_alias_resolves_to_a_cached_safetensors_folder(monkeypatch):
+    folder = Path(resolve_model_path("smollm2-135m-instruct"))  # converted here, or by an earlier run
+    files = {path.name for path in folder.iterdir()}
     assert "model.safetensors" in files and "config.json" in files
+    weights = (folder / "model.safetensors").stat()
+
+    def reconvert(*args, **kwargs):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", reconvert)
+    assert Path(resolve_model_path("smollm2-135m-instruct")) == folder  # the cached folder, not converted again
+    again = (folder / "model.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns)
     tokenizer = load_tokenizer(ModelSpec())
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"

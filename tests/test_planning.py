@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
-from test_cli import REPO, run_main, tiny_args
+from helpers import REPO, run_main, save_tiny, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import build_cli

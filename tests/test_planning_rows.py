@@ -9,10 +9,11 @@ import re
 
 import pytest
 import torch
-from test_cli import run_main, tiny_args
+from helpers import run_dir, run_main, tiny_args
 from transformers import AutoModelForCausalLM
 
 from lightning_modules.finetune import CausalLMFineTuner
+from models.loader import load_trained
 from models.loading import ModelSpec
 from tasks.planning import PlanningSpec
 
@@ -162,10 +163,9 @@ def test_run_summary_shows_loss_before_and_after_layout_share_and_samples(tiny_l
     assert json.loads(open(report).read())["layout_share"] == int(followed) / 4
 
 
-def test_untie_output_trains_the_output_rows_apart_and_exports_round_trip(tiny_llama, tmp_path):
+def test_untie_output_trains_the_output_rows_apart(tiny_llama):
     """planning.untie_output on a tied model: the lm_head becomes its own copy of the embedding, the new tokens'
-    input and output rows start equal and train apart, the old rows stay the base's, and the full export reloads
-    (untied) with the logits of the trained model."""
+    input and output rows start equal and train apart, and the old rows stay the base's."""
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     embedding = base.get_input_embeddings().weight.detach()
     planning = PlanningSpec(**SPEC, untie_output=True, init_spread=0.5)
@@ -174,7 +174,7 @@ def test_untie_output_trains_the_output_rows_apart_and_exports_round_trip(tiny_l
     ids = module.tokenizer.convert_tokens_to_ids(planning.tokens())
     inputs, outputs = rows_of(module, ids)
     assert torch.equal(inputs, outputs)  # same initialisation for both matrices
-    text = train_on_planning_text(module, ids, lr=1e-2, steps=3)
+    train_on_planning_text(module, ids, lr=1e-2, steps=3)
     inputs, outputs = rows_of(module, ids)
     assert not torch.allclose(inputs, outputs)  # trained apart
     merged = module.model.merge_and_unload()
@@ -182,8 +182,28 @@ def test_untie_output_trains_the_output_rows_apart_and_exports_round_trip(tiny_l
     old[ids] = False
     for matrix in (merged.get_input_embeddings().weight, merged.get_output_embeddings().weight):
         assert torch.equal(matrix[old], embedding[: int(old.sum())])
-    merged.save_pretrained(tmp_path / "export")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
-    assert reloaded.get_output_embeddings().weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_untied_rows_export_through_epoch_export_and_reload_with_the_trained_logits(tiny_llama, tmp_path):
+    """A fit with planning.untie_output: the `epoch_0/` folder that `EpochExport` writes, reloaded by
+    `load_trained`, is untied, its new rows trained apart, its old rows the base's, and it gives the logits of the
+    model rebuilt from the same run's Lightning checkpoint (which never went through the export folder)."""
+    extra = ["--model.init_args.planning.untie_output", "true", "--model.init_args.planning.init_spread", "0.5",
+             "--trainer.limit_val_batches", "0"]  # fmt: skip
+    assert run_main(["fit", *tiny_args(tiny_llama, tmp_path, *extra)]) == 0
+    run = run_dir(tmp_path)
+    backbone = ModelSpec(name=str(tiny_llama))
+    exported = load_trained(backbone, run / "epoch_0")
+    from_checkpoint = load_trained(backbone, run / "checkpoints/last.ckpt").model
+    model, tokenizer = exported.model, exported.tokenizer
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert outputs.data_ptr() != inputs.data_ptr()  # untied on disk and after reloading
+    ids = tokenizer.convert_tokens_to_ids(PlanningSpec(**SPEC).tokens())
+    assert not torch.allclose(inputs[ids], outputs[ids])  # trained apart
+    embedding = AutoModelForCausalLM.from_pretrained(tiny_llama).get_input_embeddings().weight
+    for matrix in (inputs, outputs):
+        torch.testing.assert_close(matrix[: embedding.shape[0]], embedding, rtol=0, atol=0)  # old rows untouched
+    text = torch.tensor([ids[:5] + [5, 17, 42] + ids[:3] + [99, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(text).logits, merged(text).logits)
+        torch.testing.assert_close(model(text).logits, from_checkpoint(text).logits)

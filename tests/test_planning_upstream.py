@@ -11,8 +11,7 @@ from dataclasses import replace
 
 import pytest
 import yaml
-from conftest import build_tiny_tokenizer
-from test_cli import REPO
+from helpers import REPO, build_tiny_tokenizer
 
 from core.errors import UserInputError
 from datamodules.reasoning import ReasoningDataModule

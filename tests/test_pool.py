@@ -1,25 +1,19 @@
-"""Dynamics pools with the seed's type names: from `select` (high / low / rand_llh_train), from `predict`
+"""Dynamics pools with upstream's type names: from `select` (high / low / rand_llh_train), from `predict`
 outputs (student_answer_*) and from evaluations of the base model and checkpoints (id_<q>_<label>_<verdict>)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import run_dir, run_main, tiny_args, write_jsonl
 
 from commands.pool import SEED_INSTRUCTION, pool, selection_pool
 from core.errors import UserInputError
 from evaluation.likelihood import load_pool
-from tests.test_cli import run_dir, run_main, tiny_args
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def test_selection_pool_has_the_seed_types_and_the_selected_answers():
+def test_selection_pool_has_upstreams_types_and_the_selected_answers():
     kept = [
         {
             "record": {"instruction": "I", "input": "q1"},

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PROMPTS, REPO, batch_of, load_frozen, run_dir, run_main, tiny_args
 from lightning.pytorch.plugins.precision import HalfPrecision
 from safetensors.torch import load_file
-from test_cli import REPO, run_dir, run_main, tiny_args
-from test_slot import PROMPTS, batch_of, load
 
 import models.loading
 import models.training_model as training_model
@@ -29,7 +28,7 @@ PLANNING = PlanningSpec(method="arithmetic", n_prefix=3, n_special=2)
 
 def test_slot_maths_ignore_autocast(tiny_llama):
     """Under bf16-mixed, SLOT's prefill runs in autocast; the delta optimisation stays fp32 / fp64."""
-    model, tokenizer = load(tiny_llama)
+    model, tokenizer = load_frozen(tiny_llama)
     head = OutputHead(model)
     state = prefill(model, head, *batch_of(tokenizer, PROMPTS[:2]))
     expected, expected_trace = optimise_deltas(head, state, [3], lr=0.1)

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, fake_commands, run_main
 from transformers import AutoTokenizer
 
 from cli import build_cli
 from commands.scaffold import RESOURCES_BY_SIZE, model_size, resources_for
 from tasks.prompts import PromptFormatter
-from tests.test_cli import REPO, run_main
-from tests.test_slurm import fake_commands
 
 GSM8K_FIT = [str(REPO / "configs/planning_gsm8k.yaml"), str(REPO / "configs/presets/cpu_demo.yaml")]
 GSM8K_DDP = [str(REPO / "configs/planning_gsm8k.yaml"), str(REPO / "configs/presets/gpu_ddp.yaml")]
@@ -272,7 +271,7 @@ def script_command(script: Path, program: str) -> list[str]:
 
 
 def test_base_control_evaluates_the_untouched_model_with_the_runs_prompt(tiny_llama, tmp_path):
-    """The seed's base controls: the same data and prompt "for fair comparison", and the base model as it is (the
+    """Upstream's base controls: the same data and prompt "for fair comparison", and the base model as it is (the
     run's planning tokens are neither added to it nor appended to its prompt)."""
     runs = [{"name": "r", "configs": GSM8K_FIT, "overrides": [f"--model.init_args.backbone.name={tiny_llama}"]}]
     assert run_main(scaffold_args(tmp_path / "exp", runs)) == 0

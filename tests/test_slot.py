@@ -10,45 +10,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny
+from helpers import PROMPTS, REPO, batch_of, load_frozen, run_dir, run_main, save_tiny, tiny_args
 from scipy.stats import binomtest
 
 from core.errors import UserInputError
-from core.tensors import pad_sequences
 from evaluation.generation import GenerationSpec, generate
 from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
 from evaluation.statistics import NOISE
 from models.head import OutputHead
 from models.loading import ModelSpec, load_model, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    "Question: Natalia sold clips to 48 of her friends in April. How many clips?\nAnswer:",
-    "Question: Weng earns $12 an hour.\nAnswer:",
-    "Question: Betty is saving money for a new wallet which costs $100. She has half.\nAnswer:",
-    "Question: 2+2?\nAnswer:",
-]
-
-
-def load(folder: Path):
-    spec = ModelSpec(name=str(folder))
-    return load_model(spec).requires_grad_(False).eval(), load_tokenizer(spec)
-
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
-    return load(tiny_llama)
+    return load_frozen(tiny_llama)
 
 
 @pytest.fixture(scope="module")
 def softcapped(tmp_path_factory):
     """A tiny Gemma2: its final logit soft-capping makes the head non-linear (the fallback path)."""
-    return load(save_tiny(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2"))
-
-
-def batch_of(tokenizer, prompts):
-    ids = [tokenizer(p).input_ids for p in prompts]
-    return pad_sequences(ids, tokenizer.pad_token_id, "left"), pad_sequences([[1] * len(i) for i in ids], 0, "left")
+    return load_frozen(save_tiny(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2"))
 
 
 def reference_slot(model, prompt: str, tokenizer, iters: int, lr: float) -> tuple[torch.Tensor, list[float]]:
@@ -155,7 +136,7 @@ def test_bad_arms_and_too_long_prompts(tmp_path, llama):
         SlotArm(iters=-1)
     with pytest.raises(UserInputError, match="lr"):
         SlotArm(iters=2, lr=0)
-    short, tokenizer = load(save_tiny(tmp_path / "short", "llama", max_position_embeddings=16))
+    short, tokenizer = load_frozen(save_tiny(tmp_path / "short", "llama", max_position_embeddings=16))
     with pytest.raises(UserInputError, match="context"):
         prefill(short, OutputHead(short), *batch_of(tokenizer, [PROMPTS[2]]))
 
@@ -181,7 +162,6 @@ def read_arms(save_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
 
 @pytest.mark.slow
 def test_fine_tuned_checkpoint_and_its_export_give_the_same_answers(tiny_llama, tmp_path):
-    from test_cli import run_dir, run_main, tiny_args
 
     assert run_main(["fit", *tiny_args(tiny_llama, tmp_path / "fit")]) == 0
     run = run_dir(tmp_path / "fit")
@@ -205,7 +185,6 @@ def test_fine_tuned_checkpoint_and_its_export_give_the_same_answers(tiny_llama, 
 
 @pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_clear_error(tiny_llama, tmp_path):
-    from test_cli import run_dir, run_main, tiny_args
 
     assert run_main(["fit", *tiny_args(tiny_llama, tmp_path / "fit", "--data.train_limit", "8")]) == 0
     checkpoint = run_dir(tmp_path / "fit") / "checkpoints/last.ckpt"

@@ -8,10 +8,10 @@ import re
 
 import pytest
 import yaml
+from helpers import REPO
 
 from cli import build_cli
 from lightning_modules.slot_eval import R1_FORMAT, format_checks
-from tests.test_cli import REPO
 
 # eval_only_slot.py's `system_prompt`: a triple-quoted string whose first line ends in a backslash, so Python joins
 # "...with the answer." and "The reasoning process..." without a space; "and<answer>" has none either.

@@ -13,23 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import REPO, assert_same_final_weights, fake_commands, run_dir, run_main, tiny_args
 
 from callbacks.slurm import SlurmRequeue
-from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
-
-
-def fake_commands(folder: Path, names: tuple[str, ...]) -> Path:
-    """Executables that append their name and arguments (one JSON line) to folder/calls.jsonl."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        script = folder / name
-        script.write_text(
-            "#!/usr/bin/env bash\n"
-            f'python3 -c \'import json,sys; print(json.dumps(sys.argv[1:]))\' {name} "$@" >> "{folder}/calls.jsonl"\n'
-            'echo "Submitted batch job 1000$(wc -l < "' + str(folder) + '/calls.jsonl")"\n'
-        )
-        script.chmod(0o755)
-    return folder
 
 
 def slurm_environment(bin_dir: Path) -> dict[str, str]:
@@ -51,16 +37,6 @@ def assert_restart_resumes_exactly(command: list[str], bin_dir: Path, straight: 
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "Restoring states from the checkpoint path at" in restart.stderr + restart.stdout
     assert_same_final_weights(straight, slurm)
-
-
-def assert_same_final_weights(straight: Path, resumed: Path) -> None:
-    """The run under `resumed` (a save_dir) ended with the trainable weights of the one under `straight`, bit for bit
-    (each run's `last.ckpt`)."""
-    expected = trainable_state(run_dir(straight) / "checkpoints/last.ckpt")
-    actual = trainable_state(run_dir(resumed) / "checkpoints/last.ckpt")
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_main, write_jsonl
 from scipy.stats import binomtest
-from test_cli import run_main
 
 from evaluation.sampling_metrics import majority_vote, question_metrics
 from evaluation.statistics import (
@@ -25,12 +25,6 @@ from evaluation.statistics import (
     wilson_interval,
 )
 from evaluation.summaries import arms_summary, arms_table, evaluation_summary, summary_table
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- intervals

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import REPO, run_dir, run_main, tiny_args, trainable_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datamodules.reasoning as reasoning
@@ -18,7 +19,6 @@ from lightning_modules.finetune import CausalLMFineTuner
 from models.loading import ModelSpec, load_model
 from tasks.planning import PlanningSpec
 from tasks.step_types import StepTyper, StepVAE, embed_steps, vae_loss
-from tests.test_cli import REPO, run_dir, run_main, tiny_args, trainable_state
 
 K = 3
 
@@ -37,15 +37,25 @@ def datamodule(model_folder, method: str, cache: bool = True, epochs: int = 10) 
     )
 
 
-def test_step_embeddings_are_conditioned_on_earlier_steps(tiny_llama):
+def test_step_embeddings_are_the_mean_last_layer_state_of_each_step_after_the_earlier_ones(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
 
-    model, tokenizer = (
-        AutoModelForCausalLM.from_pretrained(tiny_llama).eval(),
-        AutoTokenizer.from_pretrained(tiny_llama),
-    )
-    alone = embed_steps(model, tokenizer, "How many?", ["She has 3 apples."])
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    question, first, second = ids("Question: How many?\n "), ids("He has 2 pears."), ids(" \nShe has 3 apples.")
+    with torch.no_grad():
+        states = model(input_ids=torch.tensor([question + first + second]), output_hidden_states=True)
+    last = states.hidden_states[-1][0]
+    expected = torch.stack([last[len(question) : len(question) + len(first)].mean(0),
+                            last[len(question) + len(first) :].mean(0)])  # fmt: skip
     after = embed_steps(model, tokenizer, "How many?", ["He has 2 pears.", "She has 3 apples."])
-    assert alone.shape == (1, 64) and after.shape == (2, 64)
+    torch.testing.assert_close(after, expected)
+    alone = embed_steps(model, tokenizer, "How many?", ["She has 3 apples."])
+    with torch.no_grad():
+        states = model(input_ids=torch.tensor([question + ids("She has 3 apples.")]), output_hidden_states=True)
+    torch.testing.assert_close(alone[0], states.hidden_states[-1][0, len(question) :].mean(0))
     assert not torch.allclose(alone[0], after[1])  # causal: the same step reads differently after another one
 
 
@@ -72,7 +82,21 @@ def test_vae_variants_train_their_own_objective():
     plain = vae_loss(vae, x, x, x[successor], False, generator)
     generator = torch.Generator().manual_seed(0)
     contrastive = vae_loss(vae, x, x, x[successor], True, generator)
-    assert torch.isfinite(plain) and not torch.equal(plain, contrastive)
+    # the objective from its definition, with the same noise draws: the steps' sample first, then their successors'
+    generator = torch.Generator().manual_seed(0)
+
+    def code_of(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, log_var = vae.encoder(inputs).chunk(2, dim=-1)
+        noise = torch.randn(mean.shape, generator=generator)
+        return vae.codebook(torch.softmax(mean + (0.5 * log_var).exp() * noise, dim=-1)), mean, log_var
+
+    code, mean, log_var = code_of(x)
+    kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).sum()
+    expected_plain = (0.5 * ((vae.decoder(code) - x) ** 2).sum() + 0.1 * kl) / 6
+    next_code, _, _ = code_of(x[successor])
+    expected_contrastive = expected_plain + torch.nn.functional.cosine_similarity(code, next_code, dim=-1).sum() / 6
+    torch.testing.assert_close(plain, expected_plain)
+    torch.testing.assert_close(contrastive, expected_contrastive)
     for method in ("vae-next-step", "vae-contrastive"):
         spec = PlanningSpec(method=method, n_special=1, num_types=K, vae_epochs=2)
         typer = StepTyper.fit(spec, x, successor)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl, run_main, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import commands.sweep
 from commands.sweep import sweep
 from models.loading import ModelSpec
-from tests.test_cli import run_main, tiny_args
 
 pytestmark = pytest.mark.slow
 LIMIT = ("--data.test_limit", "4")
@@ -29,8 +28,8 @@ def run(tiny_llama, tmp_path_factory) -> Path:
     return save_dir / "planning_gsm8k/version_0"
 
 
-def read_jsonl(path: Path) -> dict[str, dict]:
-    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
+def rows_by_id(path: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in read_jsonl(path)}
 
 
 def test_each_checkpoint_scores_as_test_does(run, tiny_llama, tmp_path):
@@ -49,7 +48,7 @@ def test_each_checkpoint_scores_as_test_does(run, tiny_llama, tmp_path):
         save_dir = tmp_path / name
         assert run_main(["test", *tiny_args(tiny_llama, save_dir, *LIMIT), *extra]) == 0
         (samples,) = (save_dir / "planning_gsm8k").glob("version_*/samples/test_step*.jsonl")
-        tested, swept = read_jsonl(samples), read_jsonl(run / "sweep/gsm8k" / f"{name}.jsonl")
+        tested, swept = rows_by_id(samples), rows_by_id(run / "sweep/gsm8k" / f"{name}.jsonl")
         assert tested.keys() == swept.keys()
         for key, row in tested.items():
             assert (swept[key]["completion"], swept[key]["correct"]) == (row["completion"], row["correct"]), name

@@ -1,20 +1,18 @@
-"""Task formats of the seeds: MATH12K-style rows (gold answer from the last \\boxed{}), multiple-choice
+"""Task formats of the upstream code: MATH12K-style rows (gold answer from the last \\boxed{}), multiple-choice
 memory/reason tasks (CommonsenseQA A-E, TruthfulQA MC1 A-N) and their letter scoring."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import REPO, run_main
 
 from core.errors import UserInputError
 from tasks.examples import TASKS, load_examples
 from tasks.planning import ANSWER_LINE, tagged_steps
 from tasks.scoring import get_answer_format, score_completion
-from tests.test_cli import run_main
 
-REPO = Path(__file__).resolve().parents[1]
 MATH500 = REPO / "data/math500/test.jsonl"
 UNEQUAL_MATH500_IDS: dict[str, str] = {}
 """MATH-500 ids whose last \\boxed{} cannot equal the `answer` field, with the reason: none (checked below)."""

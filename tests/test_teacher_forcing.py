@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import build_tiny_model
 from peft import LoraConfig, get_peft_model
 
 from evaluation.teacher_forcing import teacher_forced_chunks
-from tests.conftest import build_tiny_model
 
 
 def reference_log_probs(model, ids: list[int]) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 import types
-from pathlib import Path
 from unittest.mock import patch
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO, build_tiny_model
 from peft import LoraConfig, get_peft_model
 
 from cli import build_cli
@@ -22,10 +22,8 @@ from models.head import OutputHead
 from models.liger import apply_liger_kernels, check_liger
 from models.loading import ModelSpec
 from models.packed_attention import PACKED_SDPA, use_packed_attention
-from tests.conftest import build_tiny_model
 
 VOCAB = 512
-REPO = Path(__file__).resolve().parents[1]
 
 
 def features(lengths: list[tuple[int, int]], seed: int = 1) -> list[dict]:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, tiny_args
 
 from cli import main
 from core.errors import UserInputError
 from core.io import check_inside, check_name
 from models.loader import load_trained
 from models.loading import ModelSpec
-from tests.test_cli import REPO, tiny_args
 
 REFUSED_REMOTE_CODE = "records backbone.trust_remote_code: true; code shipped with a model runs only when you ask"
 NEEDS_OWN_CODE = "needs its own Python code to load"
