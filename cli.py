@@ -53,7 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "dynamics": ("commands.dynamics:dynamics", "likelihood dynamics of a sample pool over every checkpoint of a run"),
     "select": ("commands.select:select", "keep the highest / lowest / a random-likelihood answer per question"),
-    "pool": ("commands.pool:pool", "a dynamics pool with the seed's type names from predict / test outputs"),
+    "pool": ("commands.pool:pool", "a dynamics pool with upstream's type names from predict / test outputs"),
     "compare": ("commands.compare:compare", "one table across runs or arms: 95 % intervals, paired tests"),
     "sweep": ("commands.sweep:sweep", "accuracy at every checkpoint of a run, on its own or other test sets"),
 }

@@ -9,7 +9,7 @@ the signal, and the checkpoint is written at the next optimizer-step boundary, o
 boundary when the signal arrives during validation, after every rank agreed. A `test` run stops at its next
 test batch the same way, without a checkpoint: the requeued job runs it again.
 A checkpoint written inside a signal handler can capture a half-done step (and under DDP deadlock against
-a collective in flight, Lightning issue #21406); one written at a boundary resumes bit-exactly. It also
+a collective in flight: Lightning-AI/pytorch-lightning#21406); one written at a boundary resumes bit-exactly. It also
 warns about the failure modes users report: python started without srun (no ranks, no requeue), a SIGTERM
 arriving with no requeue signal before it (the `--signal` line is missing or went to the batch shell only),
 and `scontrol` missing (containers).

@@ -43,7 +43,7 @@ class Resources:
     cpus: int
 
 
-# The seed's model-size table; a size that is not in it takes the next larger row, an unknown size 1B.
+# The scaffolding guide's model-size table; a size not in it takes the next larger row, an unknown size 1B.
 RESOURCES_BY_SIZE = {
     1: Resources("32G", 1, None, 4),
     3: Resources("64G", 1, "gpu80", 4),

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, run_dir, run_main, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import REPO, run_dir, run_main, tiny_args
 
 pytestmark = pytest.mark.slow  # several CLI runs, two of them with 2 processes each
 

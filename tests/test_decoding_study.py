@@ -382,7 +382,7 @@ def test_gsm8k_scoring_reads_the_few_shot_answer_sentence():
 def test_rank_logs_end_at_a_stop_string_when_the_tokenizer_pads_with_its_eos(tmp_path):
     """A row stopped by a stop string is padded (here with the EOS) while the others go on: its log ends at the stop
     string's last token, as vLLM's does, and holds no step for the padding."""
-    from conftest import save_tiny
+    from helpers import save_tiny
 
     folder = save_tiny(tmp_path / "gemma2", "gemma2")  # its greedy rows are not one repeated token
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import REPO, run_dir, tiny_args
 from safetensors.torch import load_file
-from test_cli import REPO, run_dir, tiny_args
 
 from models.adapters import LoraSpec, build_trainable_model
 from models.fingerprint import fingerprint

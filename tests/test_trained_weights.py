@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from helpers import save_tiny
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 

@@ -4,20 +4,16 @@ installed) the engine end to end against the HF engine."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, read_jsonl, run_cli
 
 from core.errors import UserInputError
 from evaluation.decoding import DecodingSpec, filter_logits, filter_rows
 from evaluation.generation import GenerationSpec, VllmSettings
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]')")
 
@@ -229,18 +225,6 @@ VLLM_ON_CPU = [
 ]  # fmt: skip
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """cli.py in a subprocess (vLLM's CPU backend spawns workers: it needs the script's __main__ guard)."""
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=1200)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @needs_vllm
 @pytest.mark.slow
 def test_greedy_engines_agree_on_the_embedded_model(tmp_path):
@@ -289,8 +273,7 @@ def test_predict_with_repeats_on_a_planning_lora_export_under_vllm(tmp_path):
     """A LoRA + planning-token fit's merged export, `predict` with 4 samples under vllm: planning tokens are in the
     engine's vocabulary and in completions, never in what is scored; rank logs align by (id, sample); the rows
     have the HF engine's schema and their metrics are those of their own samples."""
-    from conftest import save_tiny
-    from test_cli import run_dir, run_main, tiny_args
+    from helpers import run_dir, run_main, save_tiny, tiny_args
 
     from evaluation.sampling_metrics import majority_vote, question_metrics
     from tasks.planning import PlanningSpec
