@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.contracts import HasPrompt, HoldsModel, require
 from callbacks.slurm import SlurmRequeue
-from core.io import run_directory, write_json_atomic
+from core.io import write_json_atomic
+from core.run_directory import run_directory
 from evaluation.likelihood import ScoringSpec, build_summary, load_pool, scalar_tags, score_pool, settings_record
 from evaluation.undisturbed import undisturbed
 from tasks.examples import DATA_DIR

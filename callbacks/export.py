@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.checkpoints import epoch_finished
 from core.errors import NotSaved, UserInputError
-from core.io import atomic_directory, remove_partial, run_directory
+from core.io import atomic_directory, remove_partial
+from core.run_directory import run_directory
 from models.checkpoint_extras import module_weights
 from models.fingerprint import recorded_fingerprint
 from models.modes import TrainingMode

@@ -9,7 +9,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.contracts import CountsGoldTypes, EvaluatesRows, HasPlanning, require
-from core.io import run_directory, write_json_atomic
+from core.io import write_json_atomic
+from core.run_directory import run_directory
 
 SPLITS = {"val": "validation", "test": "test"}
 

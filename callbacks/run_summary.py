@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.contracts import HasValidationData, ScoresLoss, require
 from callbacks.export import EpochExport
 from callbacks.planning_report import PlanningReport
-from core.io import run_directory
+from core.run_directory import run_directory
 
 
 def export_directory(trainer: L.Trainer, run_dir: Path) -> Path:

@@ -9,7 +9,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.contracts import EvaluatesRows, require
-from core.io import run_directory, write_json_atomic, write_jsonl_atomic
+from core.io import write_json_atomic, write_jsonl_atomic
+from core.run_directory import run_directory
 from evaluation.rows import EvaluationRow, rows_by_arm
 from evaluation.summaries import arms_summary, arms_table, evaluation_summary, summary_table
 

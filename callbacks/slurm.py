@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.lightning_internals import cluster_environment
 from core.errors import TrainingInterrupted
-from core.io import run_directory
+from core.run_directory import run_directory
 
 log = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 124  # the exit status of a job stopped for the time limit

@@ -1,4 +1,5 @@
-"""Where a run's outputs go, and atomic writes: a file, a folder or a set of files appears complete or not at all."""
+"""Atomic writes (a file, a folder or a set of files appears complete or not at all) and the checks on names and
+paths that become output folders."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from core.errors import UserInputError
 
 # What a run directory holds before it has produced anything: the logger's events file and the config copies.
-RUN_BOOKKEEPING = ("events.out.tfevents.*", "config.yaml", "hparams.yaml")
+
 PARTIAL = "-partial-"
 """Marks the hidden staging file or folder `.{name}-partial-XXXX` that an atomic write fills before the rename."""
 RETIRED = "-old"
@@ -158,11 +158,6 @@ def remove_partial(folder: Path, names: str = "*") -> list[Path]:
     return removed
 
 
-def run_directory(trainer: Any) -> Path:
-    """The run's log directory. Call it on EVERY rank: under DDP `trainer.log_dir` is a broadcast."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path` to stream into; on success it becomes `path` (atomic rename)."""
@@ -175,27 +170,3 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
-
-
-def missing_folders(run_dir: Path) -> list[Path]:
-    """`run_dir` and the folders above it that do not exist yet (innermost first): what a run will create."""
-    return [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
-
-
-def holds_only_bookkeeping(run_dir: Path) -> bool:
-    """True when `run_dir` holds nothing but the logger's events files and config copies (no output)."""
-    return all(
-        entry.is_file() and any(entry.match(pattern) for pattern in RUN_BOOKKEEPING) for entry in run_dir.iterdir()
-    )
-
-
-def remove_unused_run(created: list[Path]) -> bool:
-    """Remove the folders a failed run created (`missing_folders` before it started, innermost first) when
-    the run directory holds only bookkeeping; the folders above it only when left empty. True if removed."""
-    if not created or not created[0].is_dir() or not holds_only_bookkeeping(created[0]):
-        return False
-    shutil.rmtree(created[0])
-    for folder in created[1:]:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    return True

@@ -14,14 +14,17 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from core.checkpoint_file import read_checkpoint
 from core.errors import UserInputError
-from core.io import check_inside, check_name, missing_folders, remove_unused_run
+from core.io import check_inside, check_name
 
 log = logging.getLogger(__name__)
 VERSION_FOLDER = re.compile(r"version_(\d+)")
 """The logger's numbered run folders (`version_0`, `version_1`...), one per run of an experiment."""
+RUN_BOOKKEEPING = ("events.out.tfevents.*", "config.yaml", "hparams.yaml")
+"""What a logger writes into a run directory before any output (a run holding only these produced nothing)."""
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 """Lightning's SLURM checkpoints in the trainer's root folder: a requeued job resumes from them by itself."""
 
@@ -122,3 +125,32 @@ def removed_when_unused(run_dir: Path | None, stopped_by_bad_input: Callable[[Ba
         if stopped_by_bad_input(error) and remove_unused_run(created):
             log.info("removed the unused run directory %s", run_dir)
         raise
+
+
+def run_directory(trainer: Any) -> Path:
+    """The run's log directory. Call it on EVERY rank: under DDP `trainer.log_dir` is a broadcast."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def missing_folders(run_dir: Path) -> list[Path]:
+    """`run_dir` and the folders above it that do not exist yet (innermost first): what a run will create."""
+    return [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
+
+
+def holds_only_bookkeeping(run_dir: Path) -> bool:
+    """True when `run_dir` holds nothing but the logger's events files and config copies (no output)."""
+    return all(
+        entry.is_file() and any(entry.match(pattern) for pattern in RUN_BOOKKEEPING) for entry in run_dir.iterdir()
+    )
+
+
+def remove_unused_run(created: list[Path]) -> bool:
+    """Remove the folders a failed run created (`missing_folders` before it started, innermost first) when
+    the run directory holds only bookkeeping; the folders above it only when left empty. True if removed."""
+    if not created or not created[0].is_dir() or not holds_only_bookkeeping(created[0]):
+        return False
+    shutil.rmtree(created[0])
+    for folder in created[1:]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return True
