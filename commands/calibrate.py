@@ -14,7 +14,6 @@ written as one set (all or none); a fit with B <= 0 writes no calibrated_eps.yam
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import zlib
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from commands.traces import open_text
 from core.errors import UserInputError
-from core.io import check_output_folder, write_file_set
+from core.io import check_output_folder, figure_png, write_file_set
 from evaluation.decoding import DecodingSpec
 
 BINS = [f"({b / 10:.1f}, {(b + 1) / 10:.1f}]" for b in range(10)]
@@ -156,12 +155,7 @@ def heatmap(acc: np.ndarray, counts: np.ndarray, title: str) -> bytes:
     axis.set_title(title)
     figure.colorbar(image, label="P(gold token at this rank)")
     figure.tight_layout()
-    png = io.BytesIO()
-    try:
-        figure.savefig(png, format="png", dpi=120)
-    finally:
-        plt.close(figure)
-    return png.getvalue()
+    return figure_png(figure)
 
 
 def calibrate(

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from core.errors import UserInputError
-from core.io import check_name, write_file_set
+from core.io import check_name, figure_png, write_file_set
 from core.records import read_json_records
 from evaluation.statistics import METHOD, paired_comparison, sample_spread
 from evaluation.summaries import interval_text, metric_summary
@@ -227,12 +227,7 @@ def plot(result: dict) -> bytes:
         axis.set_ylim(0, 1.05)
     figure.suptitle(f"95 % intervals over {result['questions']} shared questions (grey: reference)", fontsize=9)
     figure.tight_layout()
-    png = io.BytesIO()
-    try:
-        figure.savefig(png, format="png", dpi=120)
-    finally:
-        plt.close(figure)
-    return png.getvalue()
+    return figure_png(figure)
 
 
 def compare(

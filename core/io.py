@@ -3,6 +3,7 @@ paths that become output folders."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from core.errors import UserInputError
 
@@ -170,3 +172,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def figure_png(figure: Any, dpi: int = 120) -> bytes:
+    """A matplotlib figure rendered as PNG bytes (for `write_file_set`), the figure closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    try:
+        figure.savefig(png, format="png", dpi=dpi)
+    finally:
+        plt.close(figure)
+    return png.getvalue()
