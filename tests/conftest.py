@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-from helpers import REPO, build_tiny_tokenizer, save_tiny
-
+# Before anything imports huggingface_hub / datasets: they read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from helpers import REPO, build_tiny_tokenizer, save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
