@@ -91,6 +91,12 @@ class GenerationSpec:
     rules, stop strings, scoring and rows; settings in `vllm`."""
     vllm: VllmSettings = field(default_factory=VllmSettings)
     """Engine settings of `engine: vllm` (tensor parallelism, memory fraction, max model length, dtype)."""
+    batch_invariant: bool = False
+    """Generate each question on its own (its samples together, its prompt without padding): every completion is
+    then bitwise what eval_batch_size 1 gives, whatever the batch size, process count or test_limit, on any
+    hardware. Costs the batching of questions (greedy runs one prompt at a time). Without it, float32 greedy
+    results were unchanged at batch 4/8/16 here, bfloat16 ones were not (README, "Results that do not depend on
+    how the work is split"). HF engine only."""
     seed: int = 0
     """Seed of sampling: sample k of question q draws from its own stream, seeded by (seed, q, k)
     (evaluation/seeding.py), so a question's samples depend on neither its batch, nor the process evaluating it,
@@ -109,6 +115,10 @@ class GenerationSpec:
             raise UserInputError(f"generation.at_k must list integers >= 1, got {self.at_k}")
         if self.engine not in ("hf", "vllm"):
             raise UserInputError(f"generation.engine must be hf or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and self.batch_invariant:
+            raise UserInputError(
+                "generation.batch_invariant is for engine hf: vLLM schedules its own batches (set engine: hf)"
+            )
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise UserInputError(
                 "generation.engine=vllm needs vLLM, which is not installed: pip install -e '.[vllm]' (or use hf)"

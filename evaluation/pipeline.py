@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
+import torch
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import UserInputError
@@ -38,6 +39,14 @@ def evaluate_batch(
     `answer`, `answer_format`, optional `position`). `generation.repeats` = n samples per question give the
     majority answer and maj@k / pass@k; `rank_log` records the rank of chosen tokens per sample. A batch with a
     `scorer` (an lm-eval task) is generated with the task's stop strings and length and scored by it."""
+    if generation.batch_invariant and len(batch["id"]) > 1:
+        if past_key_values is not None:
+            raise ValueError("batch_invariant: split the batch (one_question_batches) before its prefill")
+        return [
+            row
+            for single in one_question_batches(batch)
+            for row in evaluate_batch(model, tokenizer, single, generation, planning, rank_log, arm)
+        ]
     if (scorer := batch.get("scorer")) is not None:
         generation = task_generation(generation, scorer)
     recorder = RankRecorder(rank_log) if rank_log is not None else None
@@ -60,6 +69,20 @@ def evaluate_batch(
             question_ids=batch["id"],
         )
     return _rows(batch, completions, generation, planning or PlanningSpec(), recorder, arm)
+
+
+def one_question_batches(batch: dict) -> list[dict]:
+    """Each question of an evaluation batch as a batch of its own, its prompt without the batch's left padding
+    (`generation.batch_invariant`); the loss tensors are left out."""
+    shared = {key: value for key, value in batch.items() if not isinstance(value, list | torch.Tensor)}
+    singles = []
+    for index in range(len(batch["id"])):
+        keep = batch["prompt_mask"][index].bool()
+        single = shared | {key: [value[index]] for key, value in batch.items() if isinstance(value, list)}
+        single["prompt_ids"] = batch["prompt_ids"][index, keep][None]
+        single["prompt_mask"] = batch["prompt_mask"][index, keep][None]
+        singles.append(single)
+    return singles
 
 
 def task_generation(generation: GenerationSpec, scorer) -> GenerationSpec:

@@ -11,7 +11,7 @@ from lightning import LightningModule
 
 from core.errors import UserInputError
 from evaluation.generation import GenerationSpec
-from evaluation.pipeline import evaluate_batch
+from evaluation.pipeline import evaluate_batch, one_question_batches
 from evaluation.rows import EvaluationRow, gather_rows, logged_metrics
 from evaluation.slot import SlotArm, cache_copy, head_input_hook, optimise_deltas, prefill
 from models.head import OutputHead
@@ -90,6 +90,11 @@ class SLOTEvaluator(LightningModule):
         self.stage_rows = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        for part in one_question_batches(batch) if self.generation.batch_invariant else [batch]:
+            self._evaluate_arms(part)
+
+    def _evaluate_arms(self, batch: dict) -> None:
+        """Every arm on one batch: one prefill, the deltas of each learning rate optimised once."""
         state = prefill(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"])
         by_lr = defaultdict(list)
         for arm in self.arms:
