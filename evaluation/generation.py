@@ -94,9 +94,9 @@ class GenerationSpec:
     batch_invariant: bool = False
     """Generate each question on its own (its samples together, its prompt without padding): every completion is
     then bitwise what eval_batch_size 1 gives, whatever the batch size, process count or test_limit, on any
-    hardware. Costs the batching of questions (greedy runs one prompt at a time). Without it, float32 greedy
-    results were unchanged at batch 4/8/16 here, bfloat16 ones were not (README, "Results that do not depend on
-    how the work is split"). HF engine only."""
+    hardware with deterministic kernels. Costs the batching of questions (greedy runs one prompt at a time).
+    Without it, float32 greedy results were unchanged at batch 4/8/16 here, bfloat16 ones were not (README,
+    "Results that do not depend on how the work is split"). HF engine only."""
     seed: int = 0
     """Seed of sampling: sample k of question q draws from its own stream, seeded by (seed, q, k)
     (evaluation/seeding.py), so a question's samples depend on neither its batch, nor the process evaluating it,
