@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from helpers import load_frozen
 
 from core.errors import UserInputError
 from datamodules.reasoning import ReasoningDataModule
@@ -64,18 +67,13 @@ def test_a_batch_of_3_runs_exactly_the_forward_calls_of_batch_size_1(tiny_llama,
     """Batch-invariant evaluation of a batch of 3 feeds the model, call for call, the very tensors that 3 batches
     of 1 feed it (so any kernel, on any hardware, computes the same thing), and gives the same rows. The same
     batch without the setting feeds it other tensors (3 padded rows per call)."""
-    model, tokenizer = (
-        load_model(ModelSpec(name=str(tiny_llama))).eval(),
-        load_tokenizer(ModelSpec(name=str(tiny_llama))),
-    )
+    model, tokenizer = load_frozen(tiny_llama)
     alone, alone_calls = evaluated(model, tokenizer, 1, generation)
     together, together_calls = evaluated(model, tokenizer, 3, generation)
     assert len(alone) == 3 and together == alone
-    assert same_calls(together_calls, alone_calls) and {c["input_ids"].shape[0] for c in alone_calls} <= {
-        1,
-        generation.repeats,
-    }
-    _, padded_calls = evaluated(model, tokenizer, 3, GenerationSpec(**{**vars(generation), "batch_invariant": False}))
+    assert same_calls(together_calls, alone_calls)
+    assert {call["input_ids"].shape[0] for call in alone_calls} <= {1, generation.repeats}  # a prefill, its samples
+    _, padded_calls = evaluated(model, tokenizer, 3, replace(generation, batch_invariant=False))
     assert not same_calls(padded_calls, alone_calls)
     assert padded_calls[0]["input_ids"].shape[0] == 3 and not padded_calls[0]["attention_mask"].all()
 
